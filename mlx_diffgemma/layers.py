@@ -1,0 +1,227 @@
+"""The pieces of one DiffusionGemma layer: attention, the dense MLP, the router and the experts.
+
+Every module here is shared by both passes; only `Attention` knows the difference (the encoder
+extends the cache under a causal mask, the canvas reads it with no mask at all).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
+
+from .cache import LayerCache
+from .config import LayerSpec, ModelConfig
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    # Gemma 4: x * rsqrt(mean(x^2) + eps) * weight (no `1 + weight`); weight None = scale-free norm.
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """Gated GELU-tanh MLP: the dense branch and the self-conditioning block."""
+
+    def __init__(self, dims: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dims, hidden, bias=False)
+        self.up_proj = nn.Linear(dims, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dims, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RoPE:
+    """Rotate-half RoPE at absolute positions. 'proportional' rotates only the first
+    `partial_rotary_factor * head_dim / 2` frequency pairs (i, i + head_dim/2), with frequencies
+    over the full head_dim; the remaining dims pass through (period = inf)."""
+
+    def __init__(self, spec: LayerSpec):
+        self.dims = spec.head_dim
+        if spec.rope_type == "default" and spec.partial_rotary_factor == 1.0 and spec.rope_factor == 1.0:
+            self.base, self.freqs = spec.rope_theta, None
+        else:
+            half = spec.head_dim // 2
+            rotated = int(spec.partial_rotary_factor * spec.head_dim // 2)
+            i = mx.arange(half, dtype=mx.float32)
+            periods = spec.rope_factor * mx.power(spec.rope_theta, 2.0 * i / spec.head_dim)
+            self.base, self.freqs = None, mx.where(i < rotated, periods, mx.inf)
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        return mx.fast.rope(
+            x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset, freqs=self.freqs
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        H, heads, D, kv = config.hidden_size, config.num_attention_heads, spec.head_dim, spec.num_kv_heads
+        self.spec = spec
+        self.num_heads, self.num_kv_heads, self.head_dim = heads, kv, D
+        self.eps = config.rms_norm_eps
+        self.q_proj = nn.Linear(H, heads * D, bias=False)
+        self.k_proj = nn.Linear(H, kv * D, bias=False)
+        if spec.is_sliding:  # full layers have no v_proj: V is the raw k_proj output
+            self.v_proj = nn.Linear(H, kv * D, bias=False)
+        self.o_proj = nn.Linear(heads * D, H, bias=False)
+        self.q_norm = RMSNorm(D, self.eps)
+        self.k_norm = RMSNorm(D, self.eps)
+        self.rope = RoPE(spec)
+
+    def __call__(self, x, cache: LayerCache, offset: int, mask: mx.array | None, write: bool):
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
+        k_raw = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim) if "v_proj" in self else k_raw
+
+        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), offset)
+        k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)
+        v = rms_norm(v_raw, None, self.eps).transpose(0, 2, 1, 3)
+
+        k, v = cache.extend(k, v) if write else cache.read(k, v)
+        # scale 1.0: the q/k norms replace 1/sqrt(d)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class Router(nn.Module):
+    """Reads the un-normalised residual; softmax over all experts, top-k, renormalise, per-expert scale."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.proj = nn.Linear(H, config.num_experts, bias=False)
+        self.scale = mx.ones((H,))
+        self.per_expert_scale = mx.ones((config.num_experts,))
+        self.top_k = config.top_k_experts
+        self.eps = config.rms_norm_eps
+        self.root_size = H**-0.5
+
+    def __call__(self, r: mx.array) -> tuple[mx.array, mx.array]:
+        h = rms_norm(r, None, self.eps) * self.scale
+        # the reference multiplies by an unrounded Python float: do it in fp32
+        h = (h.astype(mx.float32) * self.root_size).astype(r.dtype)
+        probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
+        idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        w = mx.take_along_axis(probs, idx, axis=-1)
+        w = w / w.sum(axis=-1, keepdims=True)
+        return idx, w * self.per_expert_scale.astype(mx.float32)[idx]
+
+
+class Experts(nn.Module):
+    """Stacked experts through gather_mm / gather_qmm; gate and up are fused along the output axis."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, I, E = config.hidden_size, config.moe_intermediate_size, config.num_experts
+        self.gate_up_proj = SwitchLinear(H, 2 * I, E, bias=False)
+        self.down_proj = SwitchLinear(I, H, E, bias=False)
+
+    def __call__(self, x: mx.array, idx: mx.array, weights: mx.array) -> mx.array:
+        # x [N, H], idx/weights [N, k]
+        x = mx.expand_dims(x, (-2, -3))
+        sort = idx.size >= 64  # sorting by expert makes the gathers contiguous on big batches
+        if sort:
+            x, order_idx, inv = _gather_sort(x, idx)
+        else:
+            order_idx = idx
+        gate, up = mx.split(_switch(self.gate_up_proj, x, order_idx, sort), 2, axis=-1)
+        y = _switch(self.down_proj, nn.gelu_approx(gate) * up, order_idx, sort)
+        if sort:
+            y = _scatter_unsort(y, inv, idx.shape)
+        y = y.squeeze(-2)  # [N, k, H]
+        return (y * weights[..., None].astype(y.dtype)).sum(axis=-2)
+
+
+def _switch(linear: nn.Module, x: mx.array, idx: mx.array, sort: bool) -> mx.array:
+    # MLX's CPU gather_mm is fp32-only: on the CPU, run unquantized bf16/fp16 experts in fp32
+    if (
+        isinstance(linear, SwitchLinear)
+        and linear.weight.dtype != mx.float32
+        and mx.default_device().type == mx.DeviceType.cpu
+    ):
+        w = linear.weight.astype(mx.float32).swapaxes(-1, -2)
+        y = mx.gather_mm(x.astype(mx.float32), w, rhs_indices=idx, sorted_indices=sort)
+        return y.astype(x.dtype)
+    return linear(x, idx, sorted_indices=sort)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.self_attn = Attention(config, spec)
+        self.mlp = MLP(H, config.intermediate_size)
+        self.router = Router(config)
+        self.experts = Experts(config)
+        self.input_layernorm = RMSNorm(H, eps)
+        self.post_attention_layernorm = RMSNorm(H, eps)
+        self.pre_feedforward_layernorm = RMSNorm(H, eps)  # dense branch in
+        self.post_feedforward_layernorm_1 = RMSNorm(H, eps)  # dense branch out
+        self.pre_feedforward_layernorm_2 = RMSNorm(H, eps)  # experts in
+        self.post_feedforward_layernorm_2 = RMSNorm(H, eps)  # experts out
+        self.post_feedforward_layernorm = RMSNorm(H, eps)  # sum of both
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, cache: LayerCache, offset: int, mask, write: bool):
+        a = self.self_attn(self.input_layernorm(x), cache, offset, mask, write)
+        r = x + self.post_attention_layernorm(a)
+
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
+
+        flat = r.reshape(-1, r.shape[-1])
+        idx, w = self.router(flat)
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), idx, w).reshape(r.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
+
+        x = r + self.post_feedforward_layernorm(dense + moe)
+        return x * self.layer_scalar
+
+
+def soft_embedding(probs: mx.array, embed: nn.Module) -> mx.array:
+    """probs [.., V] @ E [V, H], for a plain or a quantized embedding table."""
+    if isinstance(embed, nn.QuantizedEmbedding):
+        return mx.quantized_matmul(
+            probs,
+            embed.weight,
+            embed.scales,
+            embed.get("biases"),
+            transpose=False,
+            group_size=embed.group_size,
+            bits=embed.bits,
+            mode=getattr(embed, "mode", "affine"),
+        )
+    return probs @ embed.weight
+
+
+class SelfConditioning(nn.Module):
+    """Turns the previous step's soft embedding into a signal added to the canvas embedding."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H = config.hidden_size
+        self.pre_norm = RMSNorm(H, config.rms_norm_eps)
+        self.gate_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(H, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, H, bias=False)
+        self.eps = config.rms_norm_eps
+
+    def __call__(self, canvas_embeds: mx.array, soft_embeds: mx.array | None) -> mx.array:
+        x = canvas_embeds
+        if soft_embeds is not None:  # first step: the signal is exactly zero (no biases anywhere)
+            n = self.pre_norm(soft_embeds)
+            x = x + self.down_proj(nn.gelu_approx(self.gate_proj(n)) * self.up_proj(n))
+        return rms_norm(x, None, self.eps)  # post_norm has no weight
+

@@ -1,0 +1,130 @@
+"""DiffusionGemma: one weight set, two passes.
+
+`encode(ids, cache)` is the causal pass: it embeds committed tokens, runs every layer under a causal
+(and, on sliding layers, windowed) mask and appends each layer's K/V to the cache.
+`denoise(canvas, cache, self_cond)` is the canvas pass: it embeds the canvas, adds the
+self-conditioning signal, attends bidirectionally over [cached prefix ; canvas] without writing the
+cache, and returns fp32 soft-capped logits [B, C, V].
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import Cache
+from .config import ModelConfig
+from .layers import DecoderLayer, RMSNorm, SelfConditioning, soft_embedding
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, spec) for spec in config.layers]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(config)
+        self.embed_scale = math.sqrt(config.hidden_size)
+
+    # -- the contract ------------------------------------------------------------------------
+
+    def make_cache(self) -> Cache:
+        keep = self.config.sliding_window - 1  # a canvas query sees the last window-1 cached tokens
+        return Cache([keep if spec.is_sliding else None for spec in self.config.layers])
+
+    def encode(self, ids: mx.array, cache: Cache) -> None:
+        """Causal pass over `ids` [B, L] at positions cache.offset.., appending K/V to `cache`."""
+        ids = _as_batch(ids)
+        L, offset = ids.shape[1], cache.offset
+        h = self.embed(ids)
+        masks = {}
+        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
+            cached = cache[i].length
+            key = (spec.is_sliding, cached)
+            if key not in masks:
+                window = self.config.sliding_window if spec.is_sliding else None
+                masks[key] = causal_mask(L, offset, cached, window)
+            if i == len(self.layers) - 1:
+                # the last layer only needs to write its K/V: nothing reads its output
+                layer.self_attn(layer.input_layernorm(h), cache[i], offset, masks[key], write=True)
+            else:
+                h = layer(h, cache[i], offset, masks[key], write=True)
+        cache.offset += L
+
+    def denoise(self, canvas: mx.array, cache: Cache, self_cond: mx.array | None = None) -> mx.array:
+        """Canvas pass: fp32 soft-capped logits [B, C, V]. `self_cond` is the previous step's
+        temperature-scaled logits [B, C, V] (None on the first step). Never writes `cache`."""
+        h = self.canvas_input(_as_batch(canvas), self_cond)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cache[i], cache.offset, None, write=False)
+        return self.logits(self.norm(h))
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def embed(self, ids: mx.array) -> mx.array:
+        # a Python scalar takes the table's dtype: bf16 weights get the reference's rounded 53.0
+        return self.embed_tokens(ids) * self.embed_scale
+
+    def canvas_input(self, canvas: mx.array, self_cond: mx.array | None) -> mx.array:
+        h = self.embed(canvas)
+        soft = None
+        if self_cond is not None:
+            probs = mx.softmax(self_cond.astype(mx.float32), axis=-1).astype(h.dtype)
+            soft = soft_embedding(probs, self.embed_tokens) * self.embed_scale
+        return self.self_conditioning(h, soft)
+
+    def logits(self, h: mx.array) -> mx.array:
+        cap = self.config.final_logit_softcapping
+        out = self.embed_tokens.as_linear(h).astype(mx.float32)
+        return cap * mx.tanh(out / cap)
+
+    @property
+    def dtype(self):
+        w = self.embed_tokens.get("scales", self.embed_tokens.weight)
+        return w.dtype
+
+
+def causal_mask(L: int, offset: int, cached: int, window: int | None) -> mx.array:
+    """Boolean [L, cached + L]: query at offset+i sees keys at positions <= its own and, with a
+    window, within the last `window` positions (self included)."""
+    q = mx.arange(offset, offset + L)[:, None]
+    k = mx.arange(offset - cached, offset + L)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask
+
+
+def _as_batch(ids) -> mx.array:
+    ids = mx.array(ids) if not isinstance(ids, mx.array) else ids
+    return ids[None] if ids.ndim == 1 else ids
+
+
+def sanitize(weights: dict[str, mx.array], config: ModelConfig) -> dict[str, mx.array]:
+    """Map a checkpoint's tensor names onto this module tree, once, at the load boundary.
+
+    Accepts raw HF names (`model.decoder.*`, or `model.encoder.language_model.*` when only that copy
+    exists) and our converted names (already bare). Drops the vision tower, rotary buffers and a
+    stray `lm_head` (the head is the tied embedding)."""
+    dec = "model.decoder."
+    enc = "model.encoder.language_model."
+    has_decoder = any(k.startswith(dec) for k in weights)
+    out = {}
+    for name, w in weights.items():
+        if name.startswith(dec):
+            name = name[len(dec) :]
+        elif name.startswith(enc):
+            if has_decoder:
+                continue  # duplicate layer_scalars (checked by the converter) or tied copies
+            name = name[len(enc) :]
+        elif name.startswith("model.") or name.startswith("lm_head"):
+            continue  # vision tower, embed_vision, lm_head
+        if "rotary_emb" in name:
+            continue
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            name += ".weight"
+        out[name] = w
+    return out
