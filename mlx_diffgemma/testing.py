@@ -159,3 +159,20 @@ def build_checkpoint(
         cfg["text_config"]["num_global_key_value_heads"] = text["num_global_key_value_heads"]
         cfg_path.write_text(json.dumps(cfg, indent=2))
     return out_dir, model
+
+
+def main(argv=None):
+    """`python -m mlx_diffgemma.testing OUT_DIR`: write a tiny random checkpoint (meaningless text)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out_dir")
+    parser.add_argument("--canvas-length", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path, _ = build_checkpoint(args.out_dir, canvas_length=args.canvas_length, seed=args.seed)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
