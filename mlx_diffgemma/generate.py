@@ -19,6 +19,34 @@ from .kernels import head_statistics
 from .sampler import BlockSampler, NoiseSource, finalize_block
 
 
+class MLXOps:
+    """The few array operations the loop needs, so another backend can supply its own
+    (a model may carry an `ops` attribute; MLX models use this one)."""
+
+    asarray = staticmethod(mx.array)
+    head_statistics = staticmethod(head_statistics)
+
+    @staticmethod
+    def to_numpy(x) -> np.ndarray:
+        return np.array(x)
+
+    @staticmethod
+    def sync(*arrays) -> None:
+        mx.eval(*arrays)
+
+    @staticmethod
+    def reset_peak_memory() -> None:
+        mx.reset_peak_memory()
+
+    @staticmethod
+    def peak_memory() -> int:
+        return int(mx.get_peak_memory())
+
+
+def ops_for(model):
+    return getattr(model, "ops", MLXOps)
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0
@@ -89,17 +117,18 @@ def denoise_canvas(
     canvas: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
     """Run the reference sampler on one canvas; returns (argmax [B, C], decoder passes)."""
+    ops = ops_for(model)
     C = model.config.canvas_length
     if canvas is None:
         canvas = noise.initial_canvas(block, (1, C))
     state = BlockSampler(gen, noise, block, canvas)
     self_cond = None
     while not state.exhausted:
-        logits = model.denoise(mx.array(state.canvas), cache, self_cond)
-        z, argmax, entropy, sample = head_statistics(logits, state.temperature(), mx.array(state.uniforms()))
-        self_cond = z.astype(model.dtype)
-        mx.eval(argmax, entropy, sample, self_cond)
-        result = state.step(np.array(argmax), np.array(sample), np.array(entropy))
+        logits = model.denoise(ops.asarray(state.canvas), cache, self_cond)
+        z, argmax, entropy, sample = ops.head_statistics(logits, state.temperature(), ops.asarray(state.uniforms()))
+        self_cond = z.astype(model.dtype)  # the reference feeds back bf16 logits for bf16 weights
+        ops.sync(argmax, entropy, sample, self_cond)
+        result = state.step(ops.to_numpy(argmax), ops.to_numpy(sample), ops.to_numpy(entropy))
         if on_step is not None:
             on_step(state.steps - 1, result)
         if result.done:
@@ -135,22 +164,23 @@ def stream_generate(
     if not ids:
         raise ValueError("the prompt is empty")
 
+    ops = ops_for(model)
     C = model.config.canvas_length
     noise = NoiseSource(seed, model.config.vocab_size)
     cache = model.make_cache() if cache is None else cache
     stats = Stats(prompt_tokens=len(ids))
-    mx.reset_peak_memory()
+    ops.reset_peak_memory()
 
     tic = time.perf_counter()
-    model.encode(mx.array([ids]), cache)
-    mx.eval(cache.state())
+    model.encode(ops.asarray([ids]), cache)
+    ops.sync(*cache.state())
     stats.prefill_s = time.perf_counter() - tic
 
     tic = time.perf_counter()
     generated: list[int] = []
     for block in range(math.ceil(gen.max_new_tokens / C)):
         if block > 0:
-            model.encode(mx.array(committed), cache)  # re-encode the commit at the same positions
+            model.encode(ops.asarray(committed), cache)  # re-encode the commit at the same positions
 
         steps_events: list[Event] = []
 
@@ -179,7 +209,7 @@ def stream_generate(
         if finished.all():
             break
     stats.generate_s = time.perf_counter() - tic
-    stats.peak_memory_bytes = int(mx.get_peak_memory())
+    stats.peak_memory_bytes = ops.peak_memory()
     yield Event("done", token_ids=generated, stats=stats, text=visible_text(tokenizer, generated))
 
 
