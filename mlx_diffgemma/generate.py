@@ -27,6 +27,10 @@ class MLXOps:
     head_statistics = staticmethod(head_statistics)
 
     @staticmethod
+    def cast(x, dtype):
+        return x.astype(dtype)
+
+    @staticmethod
     def to_numpy(x) -> np.ndarray:
         return np.array(x)
 
@@ -126,7 +130,7 @@ def denoise_canvas(
     while not state.exhausted:
         logits = model.denoise(ops.asarray(state.canvas), cache, self_cond)
         z, argmax, entropy, sample = ops.head_statistics(logits, state.temperature(), ops.asarray(state.uniforms()))
-        self_cond = z.astype(model.dtype)  # the reference feeds back bf16 logits for bf16 weights
+        self_cond = ops.cast(z, model.dtype)  # the reference feeds back bf16 logits for bf16 weights
         ops.sync(argmax, entropy, sample, self_cond)
         result = state.step(ops.to_numpy(argmax), ops.to_numpy(sample), ops.to_numpy(entropy))
         if on_step is not None:
