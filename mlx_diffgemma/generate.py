@@ -15,6 +15,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import GenerationConfig
+from .fast import denoise_canvas_fast, get_mode
 from .kernels import head_statistics
 from .sampler import BlockSampler, NoiseSource, finalize_block
 
@@ -57,6 +58,7 @@ class Stats:
     committed_tokens: int = 0  # generated tokens that are not pad
     canvases: int = 0
     denoise_steps: int = 0  # decoder passes
+    row_passes: int = 0  # canvas rows run through the trunk (steps x canvas rows for the reference)
     steps_per_canvas: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     generate_s: float = 0.0
@@ -65,6 +67,10 @@ class Stats:
     @property
     def tokens_per_forward(self) -> float:
         return self.committed_tokens / max(self.denoise_steps, 1)
+
+    @property
+    def row_passes_per_token(self) -> float:
+        return self.row_passes / max(self.committed_tokens, 1)
 
     @property
     def committed_tokens_per_s(self) -> float:
@@ -82,6 +88,7 @@ class Stats:
             "denoise_steps": self.denoise_steps,
             "steps_per_canvas": list(self.steps_per_canvas),
             "tokens_per_forward": round(self.tokens_per_forward, 3),
+            "row_passes_per_token": round(self.row_passes_per_token, 3),
             "committed_tokens_per_s": round(self.committed_tokens_per_s, 3),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "prefill_s": round(self.prefill_s, 4),
@@ -149,6 +156,7 @@ def stream_generate(
     thinking: bool = False,
     generation_config: GenerationConfig | None = None,
     cache=None,
+    mode=None,
     **overrides,
 ) -> Iterator[Event]:
     """Generate from `prompt` (text, a list of chat messages, or token ids), yielding events.
@@ -156,7 +164,8 @@ def stream_generate(
     `max_tokens` rounds up to whole canvases. Sampler knobs (`max_denoising_steps`,
     `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`) override the
     checkpoint's generation_config. Pass `cache` (from `model.make_cache()`) to continue a
-    conversation: only the new tokens are encoded.
+    conversation: only the new tokens are encoded. `mode` picks a fast denoising mode by name
+    (see `mlx_diffgemma.fast.MODES`; default "reference", the exact reference sampler).
     """
     from .tokenizer import chat_ids, visible_text
 
@@ -168,6 +177,7 @@ def stream_generate(
     if not ids:
         raise ValueError("the prompt is empty")
 
+    fast = get_mode(mode)
     ops = ops_for(model)
     C = model.config.canvas_length
     noise = NoiseSource(seed, model.config.vocab_size)
@@ -200,7 +210,13 @@ def stream_generate(
                 )
             )
 
-        argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
+        if fast.is_reference:
+            argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
+            row_passes = steps * C
+        else:
+            result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step)
+            argmax, steps, row_passes = result.argmax, result.steps, result.row_passes
+        stats.row_passes += row_passes
         yield from steps_events
         committed, finished = finalize_block(argmax, gen)
         stats.canvases += 1

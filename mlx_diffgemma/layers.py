@@ -6,6 +6,8 @@ extends the cache under a causal mask, the canvas reads it with no mask at all).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
@@ -63,6 +65,29 @@ class RoPE:
             x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset, freqs=self.freqs
         )
 
+    def at(self, x: mx.array, positions: mx.array) -> mx.array:
+        """RoPE at arbitrary positions [L] (x: [B, heads, L, D]), for a partial canvas pass."""
+        half = self.dims // 2
+        if self.freqs is None:
+            inv = mx.power(self.base, -2.0 * mx.arange(half, dtype=mx.float32) / self.dims)
+        else:
+            inv = 1.0 / self.freqs  # inf periods rotate by 0
+        angles = positions.astype(mx.float32)[:, None] * inv[None, :]
+        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+@dataclass
+class Rows:
+    """A canvas pass over a subset of canvas rows: their absolute `positions` [L], the K/V of the
+    other canvas rows for this layer (`context`, attended as if present), and a list that
+    collects this layer's (k, v) of the computed rows when given."""
+
+    positions: mx.array
+    context: tuple[mx.array, mx.array] | None = None
+    collect: list | None = None
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, spec: LayerSpec):
@@ -80,16 +105,25 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, self.eps)
         self.rope = RoPE(spec)
 
-    def __call__(self, x, cache: LayerCache, offset: int, mask: mx.array | None, write: bool):
+    def __call__(self, x, cache: LayerCache, offset: int, mask: mx.array | None, write: bool, rows: Rows | None = None):
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
         k_raw = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
         v_raw = self.v_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim) if "v_proj" in self else k_raw
 
-        q = self.rope(self.q_norm(q).transpose(0, 2, 1, 3), offset)
-        k = self.rope(self.k_norm(k_raw).transpose(0, 2, 1, 3), offset)
+        q, k = self.q_norm(q).transpose(0, 2, 1, 3), self.k_norm(k_raw).transpose(0, 2, 1, 3)
+        if rows is None:
+            q, k = self.rope(q, offset), self.rope(k, offset)
+        else:
+            q, k = self.rope.at(q, rows.positions), self.rope.at(k, rows.positions)
         v = rms_norm(v_raw, None, self.eps).transpose(0, 2, 1, 3)
 
+        if rows is not None:
+            if rows.collect is not None:
+                rows.collect.append((k, v))
+            if rows.context is not None:  # other canvas rows: order does not matter without a mask
+                k = mx.concatenate([rows.context[0], k], axis=2)
+                v = mx.concatenate([rows.context[1], v], axis=2)
         k, v = cache.extend(k, v) if write else cache.read(k, v)
         # scale 1.0: the q/k norms replace 1/sqrt(d)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
@@ -114,7 +148,8 @@ class Router(nn.Module):
         # the reference multiplies by an unrounded Python float: do it in fp32
         h = (h.astype(mx.float32) * self.root_size).astype(r.dtype)
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
-        idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # indices carry no gradient (training differentiates through the weights only)
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         return idx, w * self.per_expert_scale.astype(mx.float32)[idx]
@@ -175,8 +210,8 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, eps)  # sum of both
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, cache: LayerCache, offset: int, mask, write: bool):
-        a = self.self_attn(self.input_layernorm(x), cache, offset, mask, write)
+    def __call__(self, x, cache: LayerCache, offset: int, mask, write: bool, rows: Rows | None = None):
+        a = self.self_attn(self.input_layernorm(x), cache, offset, mask, write, rows)
         r = x + self.post_attention_layernorm(a)
 
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))

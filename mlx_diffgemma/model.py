@@ -16,7 +16,7 @@ import mlx.nn as nn
 
 from .cache import Cache
 from .config import ModelConfig
-from .layers import DecoderLayer, RMSNorm, SelfConditioning, soft_embedding
+from .layers import DecoderLayer, RMSNorm, Rows, SelfConditioning, soft_embedding
 
 
 class DiffusionGemma(nn.Module):
@@ -57,10 +57,31 @@ class DiffusionGemma(nn.Module):
     def denoise(self, canvas: mx.array, cache: Cache, self_cond: mx.array | None = None) -> mx.array:
         """Canvas pass: fp32 soft-capped logits [B, C, V]. `self_cond` is the previous step's
         temperature-scaled logits [B, C, V] (None on the first step). Never writes `cache`."""
-        h = self.canvas_input(_as_batch(canvas), self_cond)
+        return self.logits(self.denoise_hidden(canvas, cache, self.soft_embeds(self_cond)))
+
+    def denoise_hidden(
+        self,
+        canvas: mx.array,
+        cache: Cache,
+        soft_embeds: mx.array | None = None,
+        positions: mx.array | None = None,
+        context: list | None = None,
+        collect_kv: bool = False,
+    ):
+        """The canvas pass up to the final norm: hidden states [B, L, H].
+
+        For a partial pass over some canvas rows: `positions` [L] are their absolute positions and
+        `context` (one (k, v) per layer) the K/V of the remaining canvas rows; with `collect_kv`
+        the per-layer (k, v) of the computed rows are returned too: (hidden, kv list)."""
+        h = self.self_conditioning(self.embed(_as_batch(canvas)), soft_embeds)
+        kv = [] if collect_kv else None
         for i, layer in enumerate(self.layers):
-            h = layer(h, cache[i], cache.offset, None, write=False)
-        return self.logits(self.norm(h))
+            rows = None
+            if positions is not None:
+                rows = Rows(positions, None if context is None else context[i], kv)
+            h = layer(h, cache[i], cache.offset, None, write=False, rows=rows)
+        h = self.norm(h)
+        return (h, kv) if collect_kv else h
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -68,13 +89,12 @@ class DiffusionGemma(nn.Module):
         # a Python scalar takes the table's dtype: bf16 weights get the reference's rounded 53.0
         return self.embed_tokens(ids) * self.embed_scale
 
-    def canvas_input(self, canvas: mx.array, self_cond: mx.array | None) -> mx.array:
-        h = self.embed(canvas)
-        soft = None
-        if self_cond is not None:
-            probs = mx.softmax(self_cond.astype(mx.float32), axis=-1).astype(h.dtype)
-            soft = soft_embedding(probs, self.embed_tokens) * self.embed_scale
-        return self.self_conditioning(h, soft)
+    def soft_embeds(self, self_cond: mx.array | None) -> mx.array | None:
+        """softmax(previous tempered logits) @ E * sqrt(H): the self-conditioning input."""
+        if self_cond is None:
+            return None
+        probs = mx.softmax(self_cond.astype(mx.float32), axis=-1).astype(self.dtype)
+        return soft_embedding(probs, self.embed_tokens) * self.embed_scale
 
     def logits(self, h: mx.array) -> mx.array:
         cap = self.config.final_logit_softcapping

@@ -1,0 +1,200 @@
+"""Fast denoising modes: less work per committed token than the reference sampler.
+
+Each mode is a named set of departures from the reference, measured against it on a trained model
+(docs/fast_path.md). The reference sampler (`generate.denoise_canvas`) re-evaluates every canvas
+position every step; these modes stop paying for positions that are already decided:
+
+- monotone commit (`freeze_entropy`): an accepted position whose entropy is below the threshold is
+  frozen to its argmax; it is never re-noised and leaves the LM head and the sampler;
+- active-set compaction (`compact`): frozen rows also leave the trunk; the rows still denoised attend
+  to the frozen rows' K/V from the last step that computed them (stale K/V), and the active set is
+  padded to a few bucket sizes so shapes repeat;
+- top-k head (`top_k`): sampling from the renormalised top-k tokens and self-conditioning from the
+  top-k embedding rows instead of a full-vocabulary softmax @ E;
+- EOS tail cut (`eos_tail_cut`): once a frozen position holds an EOS, the rows after it stop;
+- prefix-stable exit (`prefix_exit`): the canvas stops when the argmax up to the first EOS is stable
+  and confident, ignoring the padded tail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import mlx.core as mx
+import numpy as np
+
+from .config import GenerationConfig
+from .kernels import head_statistics, head_statistics_topk
+from .sampler import BlockSampler, NoiseSource
+
+
+@dataclass(frozen=True)
+class FastMode:
+    name: str
+    freeze_entropy: float | None = None
+    compact: bool = False
+    top_k: int = 0
+    eos_tail_cut: bool = False
+    prefix_exit: bool = False
+    min_bucket: int = 4  # active sets are padded to powers of two from here up to the canvas
+
+    @property
+    def is_reference(self) -> bool:
+        return self == MODES["reference"]
+
+
+MODES = {
+    "reference": FastMode("reference"),
+    # monotone commit only: the trunk still runs on every row (no stale K/V)
+    "freeze": FastMode("freeze", freeze_entropy=0.05),
+    # + frozen rows leave the trunk (stale K/V)
+    "compact": FastMode("compact", freeze_entropy=0.05, compact=True),
+    # + top-k head and self-conditioning, EOS tail cut, prefix-stable exit
+    "turbo": FastMode("turbo", freeze_entropy=0.05, compact=True, top_k=64, eos_tail_cut=True, prefix_exit=True),
+}
+
+
+def get_mode(mode) -> FastMode:
+    if isinstance(mode, FastMode):
+        return mode
+    if mode is None:
+        return MODES["reference"]
+    try:
+        return MODES[mode]
+    except KeyError:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}") from None
+
+
+def _bucket(n: int, smallest: int, C: int) -> int:
+    b = smallest
+    while b < n:
+        b *= 2
+    return min(b, C)
+
+
+@dataclass
+class FastResult:
+    argmax: np.ndarray  # [1, C] what to commit
+    steps: int
+    row_passes: int  # canvas rows run through the trunk, summed over steps
+
+
+def denoise_canvas_fast(
+    model,
+    cache,
+    gen: GenerationConfig,
+    noise: NoiseSource,
+    block: int,
+    mode: FastMode,
+    on_step=None,
+    canvas_length: int | None = None,
+) -> FastResult:
+    """One canvas under `mode` (batch size 1)."""
+    C = canvas_length or model.config.canvas_length
+    canvas = noise.initial_canvas(block, (1, C))
+    state = BlockSampler(gen, noise, block, canvas)
+    eos = np.asarray(gen.eos_token_id)
+    offset = cache.offset
+
+    frozen = np.zeros(C, dtype=bool)
+    entropy = np.zeros((1, C), dtype=np.float32)
+    argmax = canvas.copy()
+    sample = canvas.copy()
+    soft = None  # [1, C, H] self-conditioning input, None on the first step
+    kv = None  # per layer (k, v) [1, kv_heads, C, D] of every canvas row, as last computed
+    previous = None  # last step's argmax, for the prefix-stable exit
+    row_passes = 0
+
+    while not state.exhausted:
+        active = np.flatnonzero(~frozen)
+        if mode.compact and kv is not None:
+            n = _bucket(len(active), mode.min_bucket, C)
+            # pad with frozen rows to a bucket size (refreshing them costs nothing extra)
+            rows = np.sort(np.concatenate([active, np.flatnonzero(frozen)[: n - len(active)]]))
+        else:
+            rows = np.arange(C)
+        ctx = np.setdiff1d(np.arange(C), rows, assume_unique=True)
+        row_passes += len(rows)
+
+        rows_mx = mx.array(rows)
+        x = mx.array(state.canvas[:, rows])
+        soft_rows = None if soft is None else soft[:, rows_mx]
+        if mode.compact:
+            context = None
+            if len(ctx):
+                c = mx.array(ctx)
+                context = [(k[:, :, c], v[:, :, c]) for k, v in kv]
+            h, new_kv = model.denoise_hidden(
+                x, cache, soft_rows, positions=offset + rows_mx, context=context, collect_kv=True
+            )
+            if kv is None:
+                kv = new_kv
+            else:
+                kv = [
+                    (_scatter_rows(k, rows_mx, nk), _scatter_rows(v, rows_mx, nv))
+                    for (k, v), (nk, nv) in zip(kv, new_kv)
+                ]
+        else:
+            h = model.denoise_hidden(x, cache, soft_rows)
+
+        # the head and the sampler only for rows that are still active
+        pos_in_rows = np.searchsorted(rows, active)
+        h_active = h[:, mx.array(pos_in_rows)]
+        logits = model.logits(h_active)
+        T = state.temperature()
+        u = mx.array(state.uniforms()[:, active])
+        if mode.top_k:
+            am, ent, smp, top_ids, top_p = head_statistics_topk(logits, T, u, mode.top_k)
+            emb = model.embed_tokens(top_ids)  # [1, A, k, H]
+            new_soft = (top_p.astype(emb.dtype)[..., None] * emb).sum(axis=-2) * model.embed_scale
+        else:
+            z, am, ent, smp = head_statistics(logits, T, u)
+            new_soft = model.soft_embeds(z)
+        if soft is None:
+            soft = mx.zeros((1, C, new_soft.shape[-1]), dtype=new_soft.dtype)
+        soft = _scatter_rows(soft, mx.array(active), new_soft, axis=1)
+        to_eval = [am, ent, smp, soft] + ([a for pair in kv for a in pair] if kv is not None else [])
+        mx.eval(*to_eval)
+
+        argmax[:, active] = np.array(am)
+        entropy[:, active] = np.array(ent)
+        sample[:, active] = np.array(smp)
+        sample[:, frozen] = argmax[:, frozen]
+
+        result = state.step(argmax.copy(), sample, entropy)
+        if mode.freeze_entropy is not None:
+            newly = result.accepted[0] & (entropy[0] < mode.freeze_entropy) & ~frozen
+            frozen |= newly
+            if mode.eos_tail_cut:
+                hits = np.flatnonzero(frozen & np.isin(argmax[0], eos))
+                if len(hits):
+                    frozen[hits[0] + 1 :] = True  # after a settled EOS everything becomes pad
+        state.canvas[:, frozen] = argmax[:, frozen]  # frozen rows are never re-noised
+
+        if on_step is not None:
+            on_step(state.steps - 1, replace(result, canvas=state.canvas.copy()))
+        done = result.done or frozen.all()
+        if mode.prefix_exit and not done:
+            done = _prefix_settled(argmax[0], previous, entropy[0], eos, gen)
+        previous = argmax[0].copy()
+        if done:
+            break
+    return FastResult(argmax, state.steps, row_passes)
+
+
+def _scatter_rows(full: mx.array, rows: mx.array, values: mx.array, axis: int = 2) -> mx.array:
+    if axis == 2:
+        full[:, :, rows] = values
+    else:
+        full[:, rows] = values
+    return full
+
+
+def _prefix_settled(argmax, previous, entropy, eos, gen: GenerationConfig) -> bool:
+    """Stable (same argmax as the previous step) and confident on the prefix up to and including
+    the first EOS; the tail after it will be padded anyway."""
+    hits = np.flatnonzero(np.isin(argmax, eos))
+    if previous is None or not len(hits):
+        return False
+    end = hits[0] + 1
+    return bool((previous[:end] == argmax[:end]).all() and entropy[:end].mean() < gen.confidence_threshold)

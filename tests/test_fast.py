@@ -1,0 +1,64 @@
+"""Fast modes: partial canvas passes are exact, a no-op mode reproduces the reference, and each
+mode runs and does less work."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_diffgemma import load, stream_generate
+from mlx_diffgemma.fast import MODES, FastMode, get_mode
+
+
+@pytest.fixture(scope="module")
+def sharp(sharp_checkpoint):
+    return load(sharp_checkpoint[0])
+
+
+def test_partial_pass_with_context_equals_full_pass(gemma_checkpoint):
+    model, _ = load(gemma_checkpoint[0])
+    V, C = model.config.vocab_size, model.config.canvas_length
+    rng = np.random.default_rng(0)
+    cache = model.make_cache()
+    model.encode(mx.array(rng.integers(0, V, (1, 30))), cache)
+    canvas = rng.integers(0, V, (1, C))
+    soft = mx.array(rng.normal(size=(1, C, model.config.hidden_size)).astype(np.float32))
+    positions = cache.offset + mx.arange(C)
+    full, kv = model.denoise_hidden(mx.array(canvas), cache, soft, positions=positions, collect_kv=True)
+    # the fast-RoPE path and the positions path agree
+    np.testing.assert_allclose(np.array(model.denoise_hidden(mx.array(canvas), cache, soft)), np.array(full), atol=1e-4)
+
+    rows = np.sort(rng.choice(C, 11, replace=False))
+    ctx = np.setdiff1d(np.arange(C), rows)
+    r, c = mx.array(rows), mx.array(ctx)
+    part = model.denoise_hidden(
+        mx.array(canvas[:, rows]), cache, soft[:, r], positions=cache.offset + r,
+        context=[(k[:, :, c], v[:, :, c]) for k, v in kv],
+    )
+    np.testing.assert_allclose(np.array(part), np.array(full[:, r]), atol=1e-4)
+
+
+def test_fast_loop_without_departures_reproduces_the_reference(sharp):
+    model, tok = sharp
+    kw = dict(max_tokens=24, max_denoising_steps=12, seed=3, eos_token_id=[10**6], confidence_threshold=0.3)
+    ref = list(stream_generate(model, tok, [2, 4, 40, 41, 5], **kw))[-1]
+    same = list(stream_generate(model, tok, [2, 4, 40, 41, 5], mode=FastMode("none"), **kw))[-1]
+    assert same.token_ids == ref.token_ids
+    assert same.stats.steps_per_canvas == ref.stats.steps_per_canvas
+
+
+@pytest.mark.parametrize("name", ["freeze", "compact", "turbo"])
+def test_modes_do_less_trunk_work(sharp, name):
+    model, tok = sharp
+    kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
+    ref = list(stream_generate(model, tok, [2, 4, 40, 41, 5], **kw))[-1].stats
+    fast = list(stream_generate(model, tok, [2, 4, 40, 41, 5], mode=name, **kw))[-1].stats
+    assert fast.committed_tokens == ref.committed_tokens
+    assert fast.denoise_steps <= ref.denoise_steps
+    assert fast.row_passes_per_token < ref.row_passes_per_token
+    if MODES[name].compact:
+        assert fast.row_passes < fast.denoise_steps * model.config.canvas_length  # rows left the trunk
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown mode 'warp'.*reference"):
+        get_mode("warp")
