@@ -9,8 +9,9 @@ position every step; these modes stop paying for positions that are already deci
 - active-set compaction (`compact`): frozen rows also leave the trunk; the rows still denoised attend
   to the frozen rows' K/V from the last step that computed them (stale K/V), and the active set is
   padded to a few bucket sizes so shapes repeat;
-- top-k head (`top_k`): sampling from the renormalised top-k tokens and self-conditioning from the
-  top-k embedding rows instead of a full-vocabulary softmax @ E;
+- top-k head (`top_k`): the fused LM-head epilogue (kernels/epilogue.py) replaces the fp32 softmax
+  over the vocabulary (the sample stays exact), and self-conditioning uses the renormalised top-k
+  embedding rows instead of a full-vocabulary softmax @ E;
 - EOS tail cut (`eos_tail_cut`): once a frozen position holds an EOS, the rows after it stop;
 - prefix-stable exit (`prefix_exit`): the canvas stops when the argmax up to the first EOS is stable
   and confident, ignoring the padded tail.
@@ -24,7 +25,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import GenerationConfig
-from .kernels import head_statistics, head_statistics_topk
+from .kernels import head_statistics, lm_head_epilogue
 from .sampler import BlockSampler, NoiseSource
 
 
@@ -140,15 +141,20 @@ def denoise_canvas_fast(
         # the head and the sampler only for rows that are still active
         pos_in_rows = np.searchsorted(rows, active)
         h_active = h[:, mx.array(pos_in_rows)]
-        logits = model.logits(h_active)
         T = state.temperature()
         u = mx.array(state.uniforms()[:, active])
         if mode.top_k:
-            am, ent, smp, top_ids, top_p = head_statistics_topk(logits, T, u, mode.top_k)
-            emb = model.embed_tokens(top_ids)  # [1, A, k, H]
-            new_soft = (top_p.astype(emb.dtype)[..., None] * emb).sum(axis=-2) * model.embed_scale
+            # fused epilogue on the raw head output: no fp32 [rows, vocab] temporaries
+            raw = model.embed_tokens.as_linear(h_active)[0]
+            am, ent, _, smp, top_ids, top_vals = lm_head_epilogue(
+                raw, model.config.final_logit_softcapping, T, u[0], mode.top_k
+            )
+            am, ent, smp = am[None], ent[None], smp[None]
+            top_p = mx.softmax(top_vals, axis=-1)  # renormalised over the top-k
+            emb = model.embed_tokens(top_ids)  # [A, k, H]
+            new_soft = ((top_p.astype(emb.dtype)[..., None] * emb).sum(axis=-2) * model.embed_scale)[None]
         else:
-            z, am, ent, smp = head_statistics(logits, T, u)
+            z, am, ent, smp = head_statistics(model.logits(h_active), T, u)
             new_soft = model.soft_embeds(z)
         if soft is None:
             soft = mx.zeros((1, C, new_soft.shape[-1]), dtype=new_soft.dtype)
