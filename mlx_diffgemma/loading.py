@@ -12,6 +12,9 @@ import mlx.nn as nn
 from .config import ConfigError, load_configs
 from .model import DiffusionGemma, sanitize
 
+# models shipped inside the package (mlx_diffgemma/models/NAME), loadable by name
+BUNDLED = ("sudoku",)
+
 # what a text-only load needs from a hub repo (the vision tower lives in the same shards)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 
@@ -28,6 +31,11 @@ def resolve(path_or_id: str | os.PathLike, allow_patterns=HUB_PATTERNS) -> Path:
             raise LoadError(f"{p}: not a directory (pass the model folder, not a file)")
         return p
     text = str(path_or_id)
+    if text in BUNDLED:  # a model shipped inside the package, e.g. "sudoku"
+        bundled = Path(__file__).parent / "models" / text
+        if not (bundled / "config.json").exists():
+            raise LoadError(f"{text}: the bundled model is missing from {bundled}; reinstall the package")
+        return bundled
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise LoadError(f"{text}: no such directory, and not a hub id of the form 'owner/name'")
     try:
@@ -96,11 +104,31 @@ def _quantize_like_checkpoint(model: nn.Module, q: dict, weights: dict) -> None:
     )
 
 
-def load(path_or_id, dtype: mx.Dtype | None = None, lazy: bool = False):
-    """`model, tokenizer = load(path)`. `dtype` casts floating weights (e.g. mx.float32 for tests)."""
+def load(path_or_id, dtype: mx.Dtype | None = None, lazy: bool = False, backend: str = "mlx", device=None):
+    """`model, tokenizer = load(path)`. `dtype` casts floating weights (e.g. mx.float32 for tests).
+
+    `backend="torch"` loads the same checkpoint into the optional torch backend on `device`
+    ("cuda", "cpu"; default: CUDA when available); `dtype` may then be a torch dtype or a name."""
+    if backend == "torch":
+        return _load_torch(path_or_id, dtype, device)
+    if backend != "mlx":
+        raise LoadError(f"backend {backend!r} is not known; use 'mlx' or 'torch'")
+    if device is not None:
+        raise LoadError(f"device={device!r} applies to backend='torch' only; MLX picks its own device")
     from .tokenizer import load_tokenizer
 
     model_dir = resolve(path_or_id)
     model = build_model(model_dir, dtype=dtype, lazy=lazy)
     tokenizer = load_tokenizer(model_dir, model.generation_config.eos_token_id)
     return model, tokenizer
+
+
+def _load_torch(path_or_id, dtype, device):
+    try:
+        from .torch_backend import loading as torch_loading
+    except ImportError as e:
+        raise LoadError(f"backend='torch' needs PyTorch ({e}); pip install 'mlx-diffgemma[torch]'") from None
+    try:
+        return torch_loading.load(path_or_id, device=device, dtype=dtype)
+    except torch_loading.LoadError as e:
+        raise LoadError(str(e)) from None
