@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.models.switch_layers import SwitchLinear, _gather_sort, _scatter_unsort
 
 from .cache import LayerCache
@@ -56,9 +57,10 @@ class RoPE:
         else:
             half = spec.head_dim // 2
             rotated = int(spec.partial_rotary_factor * spec.head_dim // 2)
-            i = mx.arange(half, dtype=mx.float32)
-            periods = spec.rope_factor * mx.power(spec.rope_theta, 2.0 * i / spec.head_dim)
-            self.base, self.freqs = None, mx.where(i < rotated, periods, mx.inf)
+            i = np.arange(half, dtype=np.float64)
+            periods = spec.rope_factor * np.power(spec.rope_theta, 2.0 * i / spec.head_dim)
+            # built on the host: a concrete array, usable from any thread (no lazy graph)
+            self.base, self.freqs = None, mx.array(np.where(i < rotated, periods, np.inf).astype(np.float32))
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
         return mx.fast.rope(
