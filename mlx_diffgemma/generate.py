@@ -5,8 +5,11 @@ Also the command line: `python -m mlx_diffgemma.generate --model PATH --prompt T
 
 from __future__ import annotations
 
+import atexit
 import math
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -18,6 +21,7 @@ from .config import GenerationConfig
 from .fast import denoise_canvas_fast, get_mode
 from .kernels import head_statistics
 from .sampler import BlockSampler, NoiseSource, finalize_block
+from .tokenizer import Delta
 
 
 class MLXOps:
@@ -63,6 +67,7 @@ class Stats:
     prefill_s: float = 0.0
     generate_s: float = 0.0
     peak_memory_bytes: int = 0
+    first_text_s: float | None = None  # request start to the first committed text
 
     @property
     def tokens_per_forward(self) -> float:
@@ -94,16 +99,28 @@ class Stats:
             "prefill_s": round(self.prefill_s, 4),
             "generate_s": round(self.generate_s, 4),
             "peak_memory_bytes": self.peak_memory_bytes,
+            "first_text_s": None if self.first_text_s is None else round(self.first_text_s, 4),
         }
 
 
 @dataclass
 class Event:
-    """What `stream_generate` yields.
+    """What `stream_generate` yields, in this order per canvas: "step" (and "preview") while it
+    denoises, then "text" per committed token, then "commit"; "done" once at the end.
 
-    kind "step": one denoising step (`block`, `step`, `canvas` = the current argmax [C],
-    `accepted` positions, `mean_entropy`). kind "commit": a canvas was committed (`tokens` with pad
-    removed, `text` = the new visible text). kind "done": the end, with `stats` and `token_ids`.
+    - "step": one denoising step: `block`, `step`, `canvas` (the current argmax [C]), `accepted`
+      (positions accepted this step), `mean_entropy`.
+    - "preview" (opt-in): the current canvas' stable prefix (argmax unchanged since the last step
+      and accepted), decoded as provisional `text` / `reasoning` after everything committed;
+      `tokens` is that prefix. Each preview replaces the previous one (it may shrink); a commit
+      clears it.
+    - "text": the text one committed token completes: `text` (answer), `reasoning` (thought
+      channel), `tool_call` (raw tool-call text, markers kept); `tokens` = [that token].
+    - "commit": a canvas was committed: `tokens` (pad removed), and its `text` / `reasoning` /
+      `tool_call`, the sum of its "text" events. Print either "text" or "commit" events, not both.
+    - "done": `text` (the whole answer), `reasoning`, `tool_calls` (each verbatim), `token_ids`
+      (every generated id, pad included), `stats`, `finish_reason` ("stop", "tool_calls",
+      "length" or "cancelled").
     """
 
     kind: str
@@ -114,8 +131,41 @@ class Event:
     mean_entropy: float = 0.0
     tokens: list[int] = field(default_factory=list)
     text: str = ""
+    reasoning: str = ""
+    tool_call: str = ""
+    tool_calls: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     stats: Stats | None = None
+    finish_reason: str = ""
+
+
+class Cancelled(Exception):
+    """Raised inside the denoising loop to stop a request; `stream_generate` turns it into a
+    "done" event with finish_reason "cancelled"."""
+
+
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model) -> threading.RLock:
+    """One lock per loaded model: requests from several threads take turns on the device (each
+    request has its own cache, so turns at canvas granularity keep every result exact)."""
+    lock = getattr(model, "_dg_lock", None)
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = getattr(model, "_dg_lock", None)
+            if lock is None:
+                lock = threading.RLock()
+                object.__setattr__(model, "_dg_lock", lock)
+    return lock
+
+
+def context_length(model) -> int | None:
+    """The model's context (max_position_embeddings), None when the config does not say."""
+    raw = getattr(model.config, "raw", None) or {}
+    text = raw.get("text_config", raw)
+    n = text.get("max_position_embeddings") if isinstance(text, dict) else None
+    return int(n) if n else None
 
 
 def denoise_canvas(
@@ -157,23 +207,157 @@ def stream_generate(
     generation_config: GenerationConfig | None = None,
     cache=None,
     mode=None,
+    *,
+    tools=None,
+    preview: bool = False,
+    cancel=None,
     **overrides,
 ) -> Iterator[Event]:
-    """Generate from `prompt` (text, a list of chat messages, or token ids), yielding events.
+    """Generate from `prompt` (text, a list of chat messages, or token ids), yielding `Event`s
+    as they happen (steps live, text token by token as soon as its canvas is committed).
 
-    `max_tokens` rounds up to whole canvases. Sampler knobs (`max_denoising_steps`,
-    `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, `confidence_threshold`) override the
-    checkpoint's generation_config. Pass `cache` (from `model.make_cache()`) to continue a
-    conversation: only the new tokens are encoded. `mode` picks a fast denoising mode by name
-    (see `mlx_diffgemma.fast.MODES`; default "reference", the exact reference sampler).
+    `max_tokens` rounds up to whole canvases (fewer when the context runs out). Sampler knobs
+    (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`,
+    `confidence_threshold`) override the checkpoint's generation_config. Pass `cache` (from
+    `model.make_cache()`) to continue a conversation: only the new tokens are encoded. `mode`
+    picks a fast denoising mode by name (see `mlx_diffgemma.fast.MODES`; default "reference", the
+    exact reference sampler). `tools` go to the chat template. `preview=True` adds "preview"
+    events. `cancel` (a `threading.Event`, or a callable returning True) stops the request at the
+    next denoising step, from any thread; closing the iterator does the same.
+
+    Safe to call from any thread: the work runs on a worker thread of its own and takes the
+    model's lock (`model_lock`) around device work, so concurrent requests take turns.
     """
-    from .tokenizer import chat_ids, visible_text
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    stop, finished = threading.Event(), threading.Event()
 
+    def stopped() -> bool:
+        if stop.is_set() or cancel is None:
+            return stop.is_set()
+        is_set = getattr(cancel, "is_set", None)
+        return bool(is_set() if is_set is not None else cancel())
+
+    # MLX streams are per thread: a lazy array made here cannot be evaluated on the engine thread
+    settle(model)
+    if cache is not None:
+        ops_for(model).sync(*cache.state())
+    args = (model, tokenizer, prompt, max_tokens, seed, thinking, generation_config, cache, mode, tools, preview)
+
+    def job():
+        try:
+            _generate(events.put, stopped, *args, overrides)
+        except BaseException as e:  # handed to the caller's thread, raised there
+            events.put(_Failure(e))
+        finally:
+            events.put(_END)
+            finished.set()
+
+    ENGINE.submit(job)
+    try:
+        while True:
+            item = events.get()
+            if item is _END:
+                break
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()  # the consumer left early: the job stops at its next step
+        finished.wait()
+
+
+class _Engine:
+    """The one thread that runs every request's device work, in turn (FIFO).
+
+    One long-lived thread, not one per request: each new thread that touches MLX gets streams
+    of its own that are never freed (threads and memory creep up over requests, and the process
+    can abort at exit), and the caller's thread may be a UI's or a server's. Stopped at exit."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread: threading.Thread | None = None
+        self.guard = threading.Lock()
+
+    def submit(self, job) -> None:
+        if threading.current_thread() is self.thread:
+            job()  # a request made from inside a job runs inline
+            return
+        with self.guard:
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, name="mlx_diffgemma.engine", daemon=True)
+                self.thread.start()
+            self.jobs.put(job)
+
+    def _loop(self) -> None:
+        try:
+            while (job := self.jobs.get()) is not None:
+                job()
+        finally:
+            mx.synchronize()
+            mx.clear_streams()  # this thread's streams: left alive, they abort the process at exit
+
+    def stop(self) -> None:
+        with self.guard:
+            if self.thread is not None and self.thread.is_alive():
+                self.jobs.put(None)
+                self.thread.join()
+            self.thread = None
+
+
+ENGINE = _Engine()
+atexit.register(ENGINE.stop)
+
+
+_END = object()
+
+
+def settle(model) -> None:
+    """Evaluate every array an MLX model holds, parameters or not (e.g. RoPE frequencies built
+    lazily at construction), so another thread can use it: MLX streams are per thread, and a
+    lazy array recorded on one thread's stream fails to evaluate on another
+    ("There is no Stream(cpu, 0) in current thread")."""
+    import mlx.nn as nn
+
+    if not isinstance(model, nn.Module):
+        return
+    found, seen = [], set()
+
+    def walk(x, depth):
+        if depth > 12 or id(x) in seen:
+            return
+        seen.add(id(x))
+        if isinstance(x, mx.array):
+            found.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v, depth + 1)
+        if hasattr(x, "__dict__") and not isinstance(x, type):
+            for v in vars(x).values():
+                walk(v, depth + 1)
+
+    walk(model, 0)
+    mx.eval(found)
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinking, generation_config, cache,
+              mode, tools, preview, overrides) -> None:
+    """The block loop; every event goes through `emit`."""
+    from .tokenizer import TextStream, chat_ids
+
+    start = time.perf_counter()
     gen = (generation_config or model.generation_config).override(max_new_tokens=max_tokens, **overrides)
     if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (int, np.integer)):
         ids = [int(i) for i in prompt]
     else:
-        ids = chat_ids(tokenizer, prompt, thinking=thinking)
+        ids = chat_ids(tokenizer, prompt, thinking=thinking, tools=tools)
     if not ids:
         raise ValueError("the prompt is empty")
 
@@ -182,42 +366,71 @@ def stream_generate(
     C = model.config.canvas_length
     noise = NoiseSource(seed, model.config.vocab_size)
     cache = model.make_cache() if cache is None else cache
+    blocks = math.ceil(gen.max_new_tokens / C)
+    context = context_length(model)
+    if context is not None:
+        used = cache.offset + len(ids)
+        held = f" (+ {cache.offset} already in the cache)" if cache.offset else ""
+        if used + C > context:
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens{held}, too long for the model's context of {context} tokens "
+                f"with room for one {C}-token canvas; shorten the prompt" + (" or start a new conversation" if held else "")
+            )
+        blocks = min(blocks, (context - used) // C)
     stats = Stats(prompt_tokens=len(ids))
-    ops.reset_peak_memory()
+    lock = model_lock(model)
 
-    tic = time.perf_counter()
-    model.encode(ops.asarray([ids]), cache)
-    ops.sync(*cache.state())
-    stats.prefill_s = time.perf_counter() - tic
+    with lock:
+        ops.reset_peak_memory()
+        tic = time.perf_counter()
+        model.encode(ops.asarray([ids]), cache)
+        ops.sync(*cache.state())
+        stats.prefill_s = time.perf_counter() - tic
 
-    tic = time.perf_counter()
+    text = TextStream(tokenizer)
     generated: list[int] = []
-    for block in range(math.ceil(gen.max_new_tokens / C)):
-        if block > 0:
-            model.encode(ops.asarray(committed), cache)  # re-encode the commit at the same positions
-
-        steps_events: list[Event] = []
+    committed = None
+    finish = "length"
+    tic = time.perf_counter()
+    for block in range(blocks):
+        if stopped():
+            finish = "cancelled"
+            break
+        last: dict = {"argmax": None, "preview": []}  # a commit clears the preview
 
         def on_step(step, result):
-            steps_events.append(
-                Event(
-                    "step",
-                    block=block,
-                    step=step,
-                    canvas=result.argmax[0].copy(),
-                    accepted=int(result.accepted[0].sum()),
-                    mean_entropy=float(result.mean_entropy[0]),
-                )
-            )
+            if stopped():
+                raise Cancelled
+            argmax = result.argmax[0]
+            emit(Event("step", block=block, step=step, canvas=argmax.copy(), accepted=int(result.accepted[0].sum()),
+                       mean_entropy=float(result.mean_entropy[0])))
+            if preview:
+                tokens = _stable_prefix(argmax, last["argmax"], result.accepted[0], gen)
+                if tokens != last["preview"]:
+                    last["preview"] = tokens
+                    draft = text.copy()
+                    for t in tokens:
+                        draft.add(t)
+                    draft.finish()
+                    emit(Event("preview", block=block, step=step, tokens=tokens,
+                               text=draft.parsed.content[len(text.parsed.content):],
+                               reasoning=draft.parsed.reasoning[len(text.parsed.reasoning):]))
+            last["argmax"] = argmax.copy()
 
-        if fast.is_reference:
-            argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
-            row_passes = steps * C
-        else:
-            result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step)
-            argmax, steps, row_passes = result.argmax, result.steps, result.row_passes
+        try:
+            with lock:
+                if block > 0:
+                    model.encode(ops.asarray(committed), cache)  # re-encode the commit at the same positions
+                if fast.is_reference:
+                    argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
+                    row_passes = steps * C
+                else:
+                    result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step)
+                    argmax, steps, row_passes = result.argmax, result.steps, result.row_passes
+        except Cancelled:
+            finish = "cancelled"
+            break
         stats.row_passes += row_passes
-        yield from steps_events
         committed, finished = finalize_block(argmax, gen)
         stats.canvases += 1
         stats.denoise_steps += steps
@@ -225,12 +438,56 @@ def stream_generate(
         new = [int(t) for t in committed[0] if t != gen.pad_token_id]
         generated.extend(int(t) for t in committed[0])
         stats.committed_tokens += len(new)
-        yield Event("commit", block=block, tokens=new, text=visible_text(tokenizer, new))
+        end = bool(finished.all()) or block == blocks - 1
+        delta = Delta()
+        for t in new:
+            d = text.add(t)
+            if d:
+                emit(_text_event(block, [t], d, stats, start))
+                delta += d
+        if end:
+            d = text.finish()
+            if d:
+                emit(_text_event(block, [], d, stats, start))
+                delta += d
+        emit(Event("commit", block=block, tokens=new, text=delta.content, reasoning=delta.reasoning,
+                   tool_call=delta.tool_call))
         if finished.all():
+            finish = "stop"
             break
+    ops.sync(*cache.state())  # nothing lazy left for the next request's thread
+    d = text.finish()  # after a cancel: text held back mid-character, if any
+    if d:
+        emit(_text_event(stats.canvases, [], d, stats, start))
+    parsed = text.parsed
+    if finish == "stop" and parsed.tool_calls:
+        finish = "tool_calls"
     stats.generate_s = time.perf_counter() - tic
     stats.peak_memory_bytes = ops.peak_memory()
-    yield Event("done", token_ids=generated, stats=stats, text=visible_text(tokenizer, generated))
+    emit(Event("done", token_ids=generated, stats=stats, text=parsed.content, reasoning=parsed.reasoning,
+               tool_calls=list(parsed.tool_calls), finish_reason=finish))
+
+
+def _text_event(block, tokens, delta, stats: Stats, start: float) -> Event:
+    if stats.first_text_s is None:
+        stats.first_text_s = time.perf_counter() - start
+    return Event("text", block=block, tokens=tokens, text=delta.content, reasoning=delta.reasoning,
+                 tool_call=delta.tool_call)
+
+
+def _stable_prefix(argmax: np.ndarray, previous, accepted: np.ndarray, gen: GenerationConfig) -> list[int]:
+    """The canvas' leading tokens whose argmax held since the last step and that were accepted
+    (low entropy), cut after the first EOS, pad dropped."""
+    if previous is None:
+        return []
+    stable = (argmax == previous) & accepted
+    n = len(stable) if stable.all() else int(np.argmin(stable))
+    tokens = [int(t) for t in argmax[:n]]
+    eos = set(np.atleast_1d(gen.eos_token_id).tolist())
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return [t for t in tokens if t != gen.pad_token_id]
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
