@@ -14,7 +14,9 @@ position every step; these modes stop paying for positions that are already deci
   embedding rows instead of a full-vocabulary softmax @ E;
 - EOS tail cut (`eos_tail_cut`): once a frozen position holds an EOS, the rows after it stop;
 - prefix-stable exit (`prefix_exit`): the canvas stops when the argmax up to the first EOS is stable
-  and confident, ignoring the padded tail.
+  and confident, ignoring the padded tail;
+- adaptive canvas (`adaptive_canvas`): when fewer tokens are wanted than a canvas holds, the canvas
+  shrinks to them (at least `min_canvas` rows), instead of denoising a whole canvas to throw away.
 """
 
 from __future__ import annotations
@@ -38,6 +40,15 @@ class FastMode:
     eos_tail_cut: bool = False
     prefix_exit: bool = False
     min_bucket: int = 4  # active sets are padded to powers of two from here up to the canvas
+    adaptive_canvas: bool = False  # a last canvas no longer than the tokens still wanted
+    min_canvas: int = 64
+
+    def canvas_length(self, C: int, remaining: int) -> int:
+        """Rows of the next canvas: C, or for adaptive canvases the tokens still wanted rounded up to
+        a multiple of 8, at least `min_canvas`."""
+        if not self.adaptive_canvas:
+            return C
+        return min(C, max(self.min_canvas, -(-remaining // 8) * 8))
 
     @property
     def is_reference(self) -> bool:
@@ -51,7 +62,8 @@ MODES = {
     # + frozen rows leave the trunk (stale K/V)
     "compact": FastMode("compact", freeze_entropy=0.05, compact=True),
     # + top-k head and self-conditioning, EOS tail cut, prefix-stable exit
-    "turbo": FastMode("turbo", freeze_entropy=0.05, compact=True, top_k=64, eos_tail_cut=True, prefix_exit=True),
+    "turbo": FastMode("turbo", freeze_entropy=0.05, compact=True, top_k=64, eos_tail_cut=True, prefix_exit=True,
+                      adaptive_canvas=True),
 }
 
 

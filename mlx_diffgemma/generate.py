@@ -425,7 +425,9 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
                     argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
                     row_passes = steps * C
                 else:
-                    result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step)
+                    length = fast.canvas_length(C, gen.max_new_tokens - len(generated))
+                    result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step,
+                                                 canvas_length=length)
                     argmax, steps, row_passes = result.argmax, result.steps, result.row_passes
         except Cancelled:
             finish = "cancelled"

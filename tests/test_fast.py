@@ -62,3 +62,14 @@ def test_modes_do_less_trunk_work(sharp, name):
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown mode 'warp'.*reference"):
         get_mode("warp")
+
+
+def test_adaptive_canvas_shrinks_the_last_canvas(gemma_checkpoint):
+    model, tok = load(gemma_checkpoint[0])
+    mode = FastMode("adaptive", freeze_entropy=0.05, compact=True, adaptive_canvas=True, min_canvas=8)
+    kw = dict(max_denoising_steps=4, seed=0, eos_token_id=[10**6])
+    done = list(stream_generate(model, tok, [2, 4, 40, 5], max_tokens=44, mode=mode, **kw))[-1]
+    assert len(done.token_ids) == 32 + 16  # one whole canvas, then 12 wanted -> 16 rows
+    assert mode.canvas_length(32, 100) == 32 and mode.canvas_length(32, 1) == 8
+    ref = list(stream_generate(model, tok, [2, 4, 40, 5], max_tokens=44, **kw))[-1]
+    assert len(ref.token_ids) == 64  # the reference always denoises whole canvases
