@@ -12,6 +12,9 @@ position every step; these modes stop paying for positions that are already deci
 - top-k head (`top_k`): the fused LM-head epilogue (kernels/epilogue.py) replaces the fp32 softmax
   over the vocabulary (the sample stays exact), and self-conditioning uses the renormalised top-k
   embedding rows instead of a full-vocabulary softmax @ E;
+- freezing schedule (`target_steps`): besides the entropy rule, the lowest-entropy active positions
+  are frozen on a schedule that leaves none active after `target_steps` steps (a MaskGIT-style
+  quota; the reference keeps refining until stable and confident, up to 48 steps);
 - EOS tail cut (`eos_tail_cut`): once a frozen position holds an EOS, the rows after it stop;
 - prefix-stable exit (`prefix_exit`): the canvas stops when the argmax up to the first EOS is stable
   and confident, ignoring the padded tail;
@@ -40,6 +43,7 @@ class FastMode:
     eos_tail_cut: bool = False
     prefix_exit: bool = False
     min_bucket: int = 4  # active sets are padded to powers of two from here up to the canvas
+    target_steps: int | None = None  # freeze the most confident positions on a schedule that ends by then
     adaptive_canvas: bool = False  # a last canvas no longer than the tokens still wanted
     min_canvas: int = 64
 
@@ -62,8 +66,12 @@ MODES = {
     # + frozen rows leave the trunk (stale K/V)
     "compact": FastMode("compact", freeze_entropy=0.05, compact=True),
     # + top-k head and self-conditioning, EOS tail cut, prefix-stable exit
-    "turbo": FastMode("turbo", freeze_entropy=0.05, compact=True, top_k=64, eos_tail_cut=True, prefix_exit=True,
-                      adaptive_canvas=True),
+    # a freezing schedule that ends every canvas within 16 steps, the trunk still on every row
+    "scheduled": FastMode("scheduled", freeze_entropy=0.05, target_steps=16),
+    # + compaction, + a freezing schedule that ends every canvas within 16 steps, the top-k head and
+    # self-conditioning, EOS tail cut, prefix-stable exit, adaptive canvas
+    "turbo": FastMode("turbo", freeze_entropy=0.05, compact=True, target_steps=16, top_k=64, eos_tail_cut=True,
+                      prefix_exit=True, adaptive_canvas=True),
 }
 
 
@@ -183,6 +191,8 @@ def denoise_canvas_fast(
         if mode.freeze_entropy is not None:
             newly = result.accepted[0] & (entropy[0] < mode.freeze_entropy) & ~frozen
             frozen |= newly
+            if mode.target_steps:
+                _freeze_on_schedule(frozen, entropy[0], mode.target_steps - state.steps)
             if mode.eos_tail_cut:
                 hits = np.flatnonzero(frozen & np.isin(argmax[0], eos))
                 if len(hits):
@@ -198,6 +208,16 @@ def denoise_canvas_fast(
         if done:
             break
     return FastResult(argmax, state.steps, row_passes)
+
+
+def _freeze_on_schedule(frozen: np.ndarray, entropy: np.ndarray, steps_left: int) -> None:
+    """Freeze the lowest-entropy active positions so that every position is frozen after
+    `steps_left` more steps: ceil(active / (steps_left + 1)) of them now."""
+    active = np.flatnonzero(~frozen)
+    if not len(active):
+        return
+    k = len(active) if steps_left <= 0 else -(-len(active) // (steps_left + 1))
+    frozen[active[np.argsort(entropy[active], kind="stable")[:k]]] = True
 
 
 def _scatter_rows(full: mx.array, rows: mx.array, values: mx.array, axis: int = 2) -> mx.array:
