@@ -1,0 +1,88 @@
+"""The benchmark harness in its CI-fast smoke mode (tiny, one repeat, this engine + transformers),
+so it cannot rot: the result file's schema, and numbers that hang together."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.flops import step_flops
+from benchmarks.run import ROW_FIELDS, SCHEMA
+from benchmarks.sizes import text_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("results"), tmp_path_factory.mktemp("work")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--work-dir", str(work), "--threads", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = sorted(out.glob("*.json"))
+    assert len(files) == 1, files
+    return json.loads(files[0].read_text()), files[0]
+
+
+def test_schema_and_machine_record(smoke):
+    result, path = smoke
+    assert result["schema"] == SCHEMA
+    m = result["machine"]
+    assert m["cpu"] and m["cpu_count"] >= 1 and "mlx" in m["versions"] and "torch" in m["versions"]
+    assert result["settings"]["smoke"] is True
+    for row in result["rows"]:
+        assert set(ROW_FIELDS) <= row.keys(), row
+    md = path.with_suffix(".md").read_text()
+    assert "| ours-reference | generate-16 |" in md and "| transformers | step@128 |" in md
+
+
+def test_every_system_and_scenario_ran(smoke):
+    result, _ = smoke
+    got = {(r["system"], r["scenario"]): r for r in result["rows"]}
+    expected = [(s, sc) for s in ("ours-reference", "transformers") for sc in ("step@128", "generate-16")]
+    expected += [("gemm-mlx", "gemm"), ("gemm-torch", "gemm")]
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert got[key]["status"] == "ok", (key, got[key].get("reason"), got[key].get("stderr_tail"))
+
+
+def test_numbers_hang_together(smoke):
+    result, _ = smoke
+    text = text_config("tiny")
+    for r in result["rows"]:
+        assert r["size"] == "tiny" and r["peak_memory_bytes"] > 10 * 2**20
+        if r["scenario"] == "gemm":
+            assert r["gemm_flops_per_s"] > 1e8
+            continue
+        assert r["ms_per_step_min"] <= r["ms_per_step"] <= r["ms_per_step_max"] if r["ms_per_step_min"] else r["ms_per_step"] > 0
+        assert r["prefill_tokens_per_s"] > 0
+        assert r["step_flops"] > 0 and math.isfinite(r["gemm_fraction"]) and r["gemm_fraction"] > 0
+        if r["scenario"] == "generate-16":
+            # whole canvases, exactly 16 full-width steps each, EOS off
+            assert r["steps_per_canvas"] == [16]
+            assert 16 <= r["row_passes_per_token"] < 16 * 256 / 240
+            assert r["committed_tokens"] >= 240
+            tokens_per_s = r["committed_tokens"] / (16 * r["ms_per_step"] / 1e3)
+            assert r["committed_tokens_per_s"] == pytest.approx(tokens_per_s, rel=0.02)
+        else:
+            assert r["step_flops"] == pytest.approx(step_flops(text, 256, 128))
+
+
+def test_flop_model_matches_the_published_accounting():
+    # landscape.md 5d: ~2 x 3.06B x 256 trunk + 0.38 TFLOP head + 0.38 self-conditioning ~ 2.3 TFLOP
+    full = text_config("full")
+    assert step_flops(full, 256, 0) == pytest.approx(2.3e12, rel=0.05)
+    # one decode token: ~2 x 3.8B active parameters
+    assert step_flops(full, 256, 0, autoregressive=True) == pytest.approx(2 * 3.75e9, rel=0.05)
+
+
+def test_bad_size_is_a_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--sizes", "huge"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown size 'huge'" in proc.stderr and "Traceback" not in proc.stderr
