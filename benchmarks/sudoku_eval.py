@@ -1,0 +1,161 @@
+"""Sudoku solve rate: the diffusion model (reference sampler) against its autoregressive baseline.
+
+    python -m benchmarks.sudoku_eval --diffusion sudoku --autoregressive runs/sudoku-autoregressive/checkpoints/step-N
+
+Held-out puzzles come from `sudoku.puzzle_set(puzzle_seed, n, givens)` (unique solutions, a seed
+the training data never uses). A puzzle counts as solved when every row, column and box is valid
+and every given is kept. Writes benchmarks/results/sudoku_eval-<stamp>.json and .md with the solve
+rate overall, on puzzles with >= 30 givens, and by number of givens (buckets of 5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+BUCKETS = [(17, 24), (25, 29), (30, 34), (35, 39), (40, 44), (45, 81)]
+
+
+def solve_diffusion(model, puzzles, seed, batch, **overrides):
+    from mlx_diffgemma import sudoku
+
+    out = []
+    for i in range(0, len(puzzles), batch):
+        out.append(sudoku.solve_batch(model, puzzles[i : i + batch], seed=seed + i, **overrides))
+    return np.concatenate(out)
+
+
+def solve_autoregressive(model, puzzles, batch):
+    from mlx_diffgemma import sudoku
+    from mlx_diffgemma.train import generate_autoregressive
+
+    out = []
+    for i in range(0, len(puzzles), batch):
+        ids = generate_autoregressive(model, sudoku.prompt_batch(puzzles[i : i + batch]), sudoku.CELLS)
+        out.append(sudoku.canvas_digits(ids))
+    return np.concatenate(out)
+
+
+def summarize(puzzles, grids, wall) -> dict:
+    from mlx_diffgemma import sudoku
+
+    solved = np.array([sudoku.is_solution(p, g) for p, g in zip(puzzles, grids)])
+    givens = (puzzles > 0).sum(axis=1)
+    cells_right = []
+    for p, g in zip(puzzles, grids):
+        truth = sudoku.solve_exact(p)
+        blank = p == 0
+        cells_right.append(float((g[blank] == truth[blank]).mean()) if blank.any() else 1.0)
+
+    def rate(mask):
+        n = int(mask.sum())
+        r = float(solved[mask].mean()) if n else float("nan")
+        return {"puzzles": n, "solved": int(solved[mask].sum()), "solve_rate": round(r, 4),
+                "stderr": round(math.sqrt(r * (1 - r) / n), 4) if n else None}
+
+    return {
+        "overall": rate(np.ones_like(solved)),
+        "givens_ge_30": rate(givens >= 30),
+        "by_givens": {f"{lo}-{hi}": rate((givens >= lo) & (givens <= hi)) for lo, hi in BUCKETS},
+        "blank_cells_right": round(float(np.mean(cells_right)), 4),
+        "seconds": round(wall, 1),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--diffusion", default="sudoku", help="diffusion checkpoint (default: the bundled model)")
+    p.add_argument("--autoregressive", default=None, help="autoregressive baseline checkpoint (optional)")
+    p.add_argument("--puzzles", type=int, default=500)
+    p.add_argument("--givens", type=int, nargs=2, default=(25, 50), metavar=("LO", "HI"))
+    p.add_argument("--puzzle-seed", type=int, default=20261127)
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (puzzle i of a batch uses the batch's seed)")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None, help="override max_denoising_steps")
+    p.add_argument("--entropy-bound", type=float, default=None, help="override entropy_bound")
+    p.add_argument("--out", default=None, help="result file stem (default: sudoku_eval-<stamp>)")
+    args = p.parse_args(argv)
+
+    from benchmarks.machine import record as machine_record
+    from mlx_diffgemma import sudoku
+    from mlx_diffgemma.loading import LoadError, load
+
+    if args.puzzles < 1 or not 17 <= args.givens[0] <= args.givens[1] <= 81:
+        print("error: need --puzzles >= 1 and 17 <= LO <= HI <= 81 for --givens", file=sys.stderr)
+        return 2
+    tic = time.perf_counter()
+    puzzles, _ = sudoku.puzzle_set(args.puzzle_seed, args.puzzles, tuple(args.givens))
+    print(f"{len(puzzles)} held-out puzzles in {time.perf_counter() - tic:.1f}s", file=sys.stderr)
+
+    overrides = {k: v for k, v in (("max_denoising_steps", args.steps), ("entropy_bound", args.entropy_bound))
+                 if v is not None}
+    systems = {}
+    try:
+        model, _ = load(args.diffusion)
+        gen = model.generation_config.override(**overrides)
+        tic = time.perf_counter()
+        grids = solve_diffusion(model, puzzles, args.seed, args.batch, **overrides)
+        systems["diffusion"] = {"model": args.diffusion, "sampler": "reference",
+                                "max_denoising_steps": gen.max_denoising_steps, "entropy_bound": gen.entropy_bound,
+                                **summarize(puzzles, grids, time.perf_counter() - tic)}
+        if args.autoregressive:
+            model, _ = load(args.autoregressive)
+            tic = time.perf_counter()
+            grids = solve_autoregressive(model, puzzles, args.batch)
+            systems["autoregressive"] = {"model": args.autoregressive, "sampler": "greedy, left to right",
+                                         **summarize(puzzles, grids, time.perf_counter() - tic)}
+    except LoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = args.out or f"sudoku_eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    doc = {"benchmark": "sudoku_eval", "command": " ".join(["python -m benchmarks.sudoku_eval", *sys.argv[1:]]),
+           "puzzle_seed": args.puzzle_seed, "givens": list(args.givens), "seed": args.seed,
+           "machine": machine_record(shared=True), "systems": systems}
+    out = RESULTS / f"{stem}.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(out)
+
+    names = list(systems)
+    lines = [f"# Sudoku solve rate ({len(puzzles)} held-out puzzles, givens {args.givens[0]}-{args.givens[1]}, "
+             f"puzzle seed {args.puzzle_seed})", "",
+             "| givens | puzzles | " + " | ".join(f"{n} solved" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+
+    def cell(r):
+        return "—" if not r["puzzles"] else f"{r['solve_rate']:.3f} ± {r['stderr']:.3f}"
+
+    for key, label in [("overall", "all"), ("givens_ge_30", ">= 30")]:
+        lines.append(f"| {label} | {systems[names[0]][key]['puzzles']} | "
+                     + " | ".join(cell(systems[n][key]) for n in names) + " |")
+    for b in systems[names[0]]["by_givens"]:
+        lines.append(f"| {b} | {systems[names[0]]['by_givens'][b]['puzzles']} | "
+                     + " | ".join(cell(systems[n]["by_givens"][b]) for n in names) + " |")
+    lines += ["", "| system | model | sampler | blank cells right | seconds |", "|---|---|---|---|---|"]
+    for n in names:
+        s = systems[n]
+        sampler = s["sampler"] + (f" ({s['max_denoising_steps']} steps, entropy bound {s['entropy_bound']})"
+                                  if n == "diffusion" else "")
+        lines.append(f"| {n} | {s['model']} | {sampler} | {s['blank_cells_right']:.3f} | {s['seconds']} |")
+    m = doc["machine"]
+    lines += ["", f"Command: `{doc['command']}`", f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores. "
+              f"{m.get('shared_note') or ''}"]
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out.with_suffix(".md"))
+    print("\n".join(lines))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""Training DiffusionGemma-architecture models in MLX: `python -m mlx_diffgemma.train --config FILE`.
+
+The objective is uniform-state corruption (NeMo's `corrupt_uniform_random`): per example draw
+t ~ U(eps, 1), replace each canvas position by a uniform random token (the whole vocabulary, as
+the sampler's noise) with probability t, and take the cross-entropy of the denoised canvas against
+the clean one at every canvas position. The prompt goes through `model.encode` (a fresh cache per
+batch) and the canvas through `model.denoise`, the same two calls inference makes.
+
+Self-conditioning is trained the two-pass way: with probability `self_cond_prob` a batch first runs
+a no-grad denoise of the same corrupted canvas, and its logits, divided by a temperature drawn
+from the checkpoint's [t_min, t_max] (inference feeds the temperature-scaled logits), become the
+second pass's `self_cond`. The loss is taken on the second pass only.
+
+`objective: autoregressive` trains the same network as a left-to-right model over the canvas (a
+causal mask over [prompt ; target]): the baseline that shows what bidirectional denoising buys.
+
+Full fine-tuning or LoRA (mlx-lm's LoRA layers on the attention, MLP, expert and
+self-conditioning projections). Checkpoints are model directories `load` reads (bare weight names,
+config.json, generation_config.json, tokenizer files) plus the optimizer state, written atomically
+under OUT/checkpoints/step-N; a rerun of the same command resumes from the last one, and the
+batches are a function of (seed, step), so a resumed run makes the same updates as an unbroken one.
+
+The config file (YAML or JSON):
+
+    out_dir: runs/sudoku          # where checkpoints go
+    seed: 0
+    task: sudoku                  # the data source (see TASKS)
+    objective: diffusion          # or autoregressive
+    init_from: null               # a checkpoint directory to fine-tune, or null with `model:` below
+    model: {canvas_length: 81, text_config: {...}}   # a fresh network (DiffusionGemma config)
+    generation: {...}             # generation_config.json of the saved checkpoints
+    steps: 3000
+    batch_size: 64
+    learning_rate: 1.0e-3
+    warmup_steps: 100
+    weight_decay: 0.0
+    grad_clip: 1.0
+    eps: 0.001                    # lower end of t
+    self_cond_prob: 0.5
+    lora: null                    # or {rank: 8, scale: 20.0, keys: [q_proj, ...]}
+    save_every: 500
+    log_every: 20
+    data: {...}                   # task options (sudoku: givens curriculum)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .config import ConfigError, GenerationConfig, ModelConfig
+from .model import DiffusionGemma, causal_mask
+
+LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
+
+
+class TrainError(ValueError):
+    """A training config or checkpoint cannot be used; the message names the culprit."""
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str
+    seed: int = 0
+    task: str = "sudoku"
+    objective: str = "diffusion"
+    init_from: str | None = None
+    model: dict | None = None
+    generation: dict = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eps: float = 1e-3
+    self_cond_prob: float = 0.5
+    lora: dict | None = None
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    compile: bool = True
+    data: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_file(cls, path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise TrainError(f"{path}: cannot read the config ({e.strerror})") from None
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text)
+            else:
+                raw = json.loads(text)
+        except Exception as e:
+            raise TrainError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'} ({e})") from None
+        if not isinstance(raw, dict):
+            raise TrainError(f"{path}: the config must be a mapping of settings")
+        cfg = cls.from_dict(raw, str(path))
+        # a relative out_dir / init_from is relative to the config file
+        base = path.parent
+        cfg.out_dir = str((base / cfg.out_dir) if not Path(cfg.out_dir).is_absolute() else cfg.out_dir)
+        if cfg.init_from and not Path(cfg.init_from).is_absolute() and (base / cfg.init_from).exists():
+            cfg.init_from = str(base / cfg.init_from)
+        return cfg
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise TrainError(f"{source}: unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        if "out_dir" not in raw:
+            raise TrainError(f"{source}: out_dir is missing (where checkpoints are written)")
+        cfg = cls(**raw)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config"):
+        def bad(msg):
+            raise TrainError(f"{source}: {msg}")
+
+        if self.objective not in ("diffusion", "autoregressive"):
+            bad(f"objective is {self.objective!r}, expected 'diffusion' or 'autoregressive'")
+        if self.task not in TASKS:
+            bad(f"task is {self.task!r}, known tasks: {', '.join(sorted(TASKS))}")
+        if (self.model is None) == (self.init_from is None):
+            bad("give exactly one of `model` (a fresh network) or `init_from` (a checkpoint directory)")
+        for name in ("steps", "batch_size", "save_every", "log_every", "keep_checkpoints"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not 0 < self.eps < 1:
+            bad(f"eps must be in (0, 1), got {self.eps}")
+        if not 0 <= self.self_cond_prob <= 1:
+            bad(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
+        if not self.learning_rate > 0:
+            bad(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.lora is not None:
+            if not isinstance(self.lora, dict) or int(self.lora.get("rank", 8)) <= 0:
+                bad("lora must be a mapping with a positive rank, e.g. {rank: 8, scale: 20.0}")
+            keys = self.lora.get("keys", LORA_KEYS)
+            if not set(keys) <= set(LORA_KEYS):
+                bad(f"lora.keys may only name {', '.join(LORA_KEYS)}")
+
+
+# -- data --------------------------------------------------------------------------------------
+
+
+class SudokuTask:
+    """Batches of (prompt ids [B, 82], canvas target ids [B, 81]) from the seeded generator:
+    a pool of backtracked grids, shuffled by validity-preserving symmetries, dug to a number of
+    givens that follows a curriculum from `givens_start` down to `givens_end` (the lower end of a
+    uniform range whose upper end is `givens_max`) over the first `curriculum_fraction` of the run."""
+
+    defaults = dict(pool=2048, givens_start=50, givens_end=24, givens_max=60, curriculum_fraction=0.5)
+
+    def __init__(self, cfg: TrainConfig):
+        from . import sudoku
+
+        self.sudoku = sudoku
+        unknown = set(cfg.data) - set(self.defaults)
+        if unknown:
+            raise TrainError(f"data: unknown sudoku option(s) {', '.join(sorted(unknown))}")
+        self.opts = {**self.defaults, **cfg.data}
+        self.cfg = cfg
+        self._pool = None
+
+    @property
+    def pool(self) -> np.ndarray:
+        if self._pool is None:
+            rng = np.random.default_rng([self.cfg.seed, 7919])
+            self._pool = np.stack([self.sudoku.solved_grid(rng) for _ in range(int(self.opts["pool"]))])
+        return self._pool
+
+    def givens_low(self, step: int) -> int:
+        o = self.opts
+        frac = min(1.0, step / max(1.0, o["curriculum_fraction"] * self.cfg.steps))
+        return int(round(o["givens_start"] + (o["givens_end"] - o["givens_start"]) * frac))
+
+    def batch(self, step: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        B = self.cfg.batch_size
+        grids = self.sudoku.augment(self.pool[rng.integers(0, len(self.pool), B)], rng)
+        lo = self.givens_low(step)
+        hi = max(lo, int(self.opts["givens_max"]))
+        givens = rng.integers(lo, hi + 1, B)
+        puzzles = self.sudoku.dig(grids, givens, rng)
+        return self.sudoku.prompt_batch(puzzles), self.sudoku.canvas_ids(grids)
+
+    def save_tokenizer(self, out: Path) -> None:
+        write_sudoku_tokenizer(out)
+
+
+TASKS = {"sudoku": SudokuTask}
+
+
+def write_sudoku_tokenizer(out: Path) -> None:
+    """The bundled model's tokenizer: one token per character (digits, '.', newline) plus
+    Gemma's special tokens at the same low ids (pad 0, eos 1, bos 2, unk 3)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .sudoku import VOCAB
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(out)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def build(cfg: TrainConfig) -> tuple[DiffusionGemma, dict, GenerationConfig, Path | None]:
+    """(model, config.json dict, generation config, directory holding the tokenizer or None)."""
+    if cfg.init_from:
+        from .loading import LoadError, build_model, resolve
+
+        try:
+            src = resolve(cfg.init_from)
+            model = build_model(src, dtype=mx.float32)
+        except LoadError as e:
+            raise TrainError(f"init_from: {e}") from None
+        raw = dict(model.config.raw)
+        raw.pop("quantization", None)
+        gen = model.generation_config.override(**cfg.generation)
+        return model, raw, gen, src
+    raw = {"model_type": "diffusion_gemma", "architectures": ["DiffusionGemmaForBlockDiffusion"], **cfg.model}
+    try:
+        config = ModelConfig.from_dict(raw, source="model")
+        gen = GenerationConfig().override(**cfg.generation)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise TrainError(str(e)) from None
+    mx.random.seed(cfg.seed)
+    model = DiffusionGemma(config)
+    mx.eval(model.parameters())
+    return model, raw, gen, None
+
+
+def apply_lora(model: nn.Module, lora: dict, seed: int) -> None:
+    """Freeze the model and wrap the named projections in mlx-lm LoRA layers (trainable)."""
+    from mlx_lm.models.switch_layers import SwitchLinear
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+    rank, scale = int(lora.get("rank", 8)), float(lora.get("scale", 20.0))
+    keys = set(lora.get("keys", LORA_KEYS))
+    mx.random.seed(seed + 1)
+    model.freeze()
+    swaps = []
+    for path, module in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if name not in keys:
+            continue
+        if isinstance(module, SwitchLinear):
+            swaps.append((path, LoRASwitchLinear.from_base(module, r=rank, scale=scale)))
+        elif isinstance(module, nn.Linear):
+            swaps.append((path, LoRALinear.from_base(module, r=rank, scale=scale)))
+    if not swaps:
+        raise TrainError(f"lora: no projection named {sorted(keys)} found in the model")
+    model.update_modules(tree_unflatten(swaps))
+
+
+def fused_weights(model: nn.Module) -> dict[str, mx.array]:
+    """The model's weights with every LoRA layer folded into its base (bare engine names)."""
+    from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+    lora_paths = [p for p, m in model.named_modules() if isinstance(m, (LoRALinear, LoRASwitchLinear))]
+    weights = dict(tree_flatten(model.parameters()))
+    for path in lora_paths:
+        module = model
+        for part in path.split("."):
+            module = module[int(part)] if part.isdigit() else getattr(module, part)
+        fused = module.fuse()
+        for k in [k for k in weights if k.startswith(path + ".")]:
+            del weights[k]
+        for k, v in tree_flatten(fused.parameters()):
+            weights[f"{path}.{k}"] = v
+    return weights
+
+
+# -- the objectives ----------------------------------------------------------------------------
+
+
+def corrupt(target: np.ndarray, rng: np.random.Generator, vocab_size: int, eps: float):
+    """Uniform-state corruption: per row t ~ U(eps, 1), each position replaced by a uniform random
+    token (the whole vocabulary) with probability t. Returns (canvas, t)."""
+    B, C = target.shape
+    t = rng.uniform(eps, 1.0, size=(B, 1)).astype(np.float32)
+    noisy = rng.random((B, C)) < t
+    noise = rng.integers(0, vocab_size, size=(B, C))
+    return np.where(noisy, noise, target).astype(np.int32), t
+
+
+def diffusion_loss(model, prompt, target, canvas, self_cond_temperature=None):
+    """Mean canvas cross-entropy. With `self_cond_temperature` ([B, 1, 1]), a first no-grad pass
+    supplies the second pass's self_cond (its logits divided by that temperature)."""
+    cache = model.make_cache()
+    model.encode(prompt, cache)
+    self_cond = None
+    if self_cond_temperature is not None:
+        first = mx.stop_gradient(model.denoise(canvas, cache))
+        self_cond = first / self_cond_temperature
+    logits = model.denoise(canvas, cache, self_cond)
+    return nn.losses.cross_entropy(logits, target, reduction="mean")
+
+
+def causal_logits(model, ids, cache) -> mx.array:
+    """The same network run left to right: every layer under the causal (and sliding) mask,
+    appending to `cache`, and the tied head on every position -> fp32 logits [B, L, V]."""
+    L, offset = ids.shape[1], cache.offset
+    h = model.embed(ids)
+    for layer, spec, c in zip(model.layers, model.config.layers, cache.layers):
+        mask = causal_mask(L, offset, c.length, model.config.sliding_window if spec.is_sliding else None)
+        h = layer(h, c, offset, mask if L > 1 else None, write=True)
+    cache.offset += L
+    return model.logits(model.norm(h))
+
+
+def autoregressive_loss(model, prompt, target):
+    """Next-token cross-entropy over the canvas cells, left to right: cell i is predicted at
+    position P-1+i from the prompt and cells < i (the same positions the canvas occupies)."""
+    ids = mx.concatenate([prompt, target[:, :-1]], axis=1)
+    logits = causal_logits(model, ids, model.make_cache())[:, prompt.shape[1] - 1 :]
+    return nn.losses.cross_entropy(logits, target, reduction="mean")
+
+
+def generate_autoregressive(model, prompt: np.ndarray, length: int) -> np.ndarray:
+    """Greedy left-to-right decoding of `length` tokens after `prompt` [B, P] -> [B, length]."""
+    cache = model.make_cache()
+    logits = causal_logits(model, mx.array(prompt), cache)[:, -1]
+    out = []
+    for _ in range(length):
+        nxt = mx.argmax(logits, axis=-1).astype(mx.int32)
+        out.append(nxt)
+        logits = causal_logits(model, nxt[:, None], cache)[:, -1]
+        mx.eval(logits)
+    return np.array(mx.stack(out, axis=1))
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_model_dir(out: Path, model, config_json: dict, gen: GenerationConfig, tokenizer_src, task) -> None:
+    """A loadable model directory: weights (LoRA fused), config.json, generation_config.json, tokenizer."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = fused_weights(model)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
+    g = asdict(gen)
+    g["sampler_config"] = {"entropy_bound": gen.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"}
+    g["bos_token_id"] = model.config.bos_token_id
+    (out / "generation_config.json").write_text(json.dumps(g, indent=2) + "\n")
+    if tokenizer_src is not None:
+        for f in Path(tokenizer_src).iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+                shutil.copy(f, out / f.name)
+    else:
+        task.save_tokenizer(out)
+
+
+def save_checkpoint(cfg, step, model, optimizer, config_json, gen, tokenizer_src, task) -> Path:
+    """OUT/checkpoints/step-N: written in a temporary directory, then renamed into place."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}-", dir=root))
+    try:
+        save_model_dir(tmp, model, config_json, gen, tokenizer_src, task)
+        # training state lives in a subfolder: `load` reads every *.safetensors beside config.json
+        (tmp / "state").mkdir()
+        mx.save_safetensors(str(tmp / "state" / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        if cfg.lora is not None:
+            mx.save_safetensors(str(tmp / "state" / "adapters.safetensors"),
+                                dict(tree_flatten(model.trainable_parameters())))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    root = Path(out_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def restore(ckpt: Path, cfg: TrainConfig, model, optimizer) -> int:
+    """Load weights (or adapters) and optimizer state from `ckpt`; returns its step."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state_dir = ckpt / "state" if (ckpt / "state").is_dir() else ckpt  # early checkpoints kept it beside
+    if cfg.lora is not None:
+        model.load_weights(str(state_dir / "adapters.safetensors"), strict=False)
+    else:
+        model.load_weights(str(ckpt / "model.safetensors"), strict=True)
+    opt = mx.load(str(state_dir / "optimizer.safetensors"))
+    optimizer.state = tree_unflatten(list(opt.items()))
+    mx.eval(model.parameters(), optimizer.state)
+    return int(state["step"])
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def schedule(cfg: TrainConfig):
+    warm = optim.linear_schedule(cfg.learning_rate * 0.01, cfg.learning_rate, max(1, cfg.warmup_steps))
+    decay = optim.cosine_decay(cfg.learning_rate, max(1, cfg.steps - cfg.warmup_steps), cfg.learning_rate * 0.05)
+    return optim.join_schedules([warm, decay], [max(1, cfg.warmup_steps)])
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | None = None) -> Path:
+    """Run (or resume) training; returns the directory of the last checkpoint. `stop_at` ends the
+    run early at that step (with a checkpoint) while keeping the schedule of the full `steps`."""
+    task = TASKS[cfg.task](cfg)
+    model, config_json, gen, tokenizer_src = build(cfg)
+    config_json = {**config_json, "objective": cfg.objective}
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora, cfg.seed)
+    V = model.config.vocab_size
+
+    optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    start = 0
+    ckpt = latest_checkpoint(cfg.out_dir)
+    if ckpt is not None:
+        start = restore(ckpt, cfg, model, optimizer)
+        log(f"resuming from {ckpt} (step {start})")
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    log(f"{cfg.objective} training: {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable")
+
+    def loss_fn(*args):
+        if cfg.objective == "autoregressive":
+            return autoregressive_loss(model, *args[:2])
+        return diffusion_loss(model, *args)
+
+    def update(*args):
+        loss, grads = nn.value_and_grad(model, loss_fn)(*args)
+        if cfg.grad_clip:
+            grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
+        optimizer.update(model, grads)
+        return loss
+
+    state = [model.state, optimizer.state]
+    step_fn = mx.compile(update, inputs=state, outputs=state) if cfg.compile else update
+
+    bar = None
+    if progress and start < min(cfg.steps, stop_at or cfg.steps):
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+    running, tic = None, time.perf_counter()
+    last = ckpt
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    for step in range(start, end):
+        rng = np.random.default_rng([cfg.seed, step])  # batches depend only on (seed, step)
+        prompt, target = task.batch(step, rng)
+        args = [mx.array(prompt), mx.array(target)]
+        if cfg.objective == "diffusion":
+            canvas, _ = corrupt(target, rng, V, cfg.eps)
+            args.append(mx.array(canvas))
+            if rng.random() < cfg.self_cond_prob:
+                temp = rng.uniform(gen.t_min, gen.t_max, size=(len(target), 1, 1)).astype(np.float32)
+                args.append(mx.array(temp))
+        loss = step_fn(*args)
+        mx.eval(loss, model.state, optimizer.state)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise TrainError(f"step {step}: the loss is {loss}; lower learning_rate or raise warmup_steps")
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{float(optimizer.learning_rate):.2e}")
+        if done % cfg.log_every == 0 and bar is None:
+            log(f"step {done}/{cfg.steps} loss {running:.4f} ({time.perf_counter() - tic:.0f}s)")
+        if done % cfg.save_every == 0 or done == end:
+            last = save_checkpoint(cfg, done, model, optimizer, config_json, gen, tokenizer_src, task)
+    if bar is not None:
+        bar.close()
+    return last
+
+
+def export(checkpoint: Path, out: Path) -> None:
+    """Copy the loadable part of a checkpoint (no optimizer state) to `out`, atomically."""
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is meant to be shipped
+    try:
+        for f in Path(checkpoint).iterdir():
+            if f.is_file() and f.name not in ("optimizer.safetensors", "trainer_state.json"):
+                shutil.copy(f, tmp / f.name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mlx_diffgemma.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="training config (YAML or JSON)")
+    parser.add_argument("--steps", type=int, default=None, help="override the config's steps")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop at this step (with a checkpoint), keeping the learning-rate schedule of `steps`")
+    parser.add_argument("--export", default=None, help="after training, copy the final model directory here")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    args = parser.parse_args(argv)
+    try:
+        cfg = TrainConfig.from_file(args.config)
+        if args.steps is not None:
+            cfg.steps = args.steps
+            cfg.validate(args.config)
+        last = train(cfg, progress=not args.no_progress, stop_at=args.stop_at)
+        if args.export:
+            export(last, Path(args.export))
+            print(f"exported {last} -> {args.export}")
+        else:
+            print(last)
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
