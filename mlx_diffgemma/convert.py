@@ -218,7 +218,7 @@ class Plan:
 
 def text_tensors(tensors: dict[str, SourceTensor], config: ModelConfig) -> dict[str, SourceTensor]:
     """Engine name -> source tensor: the text weights only (decoder copy preferred), renamed once."""
-    from .model import sanitize
+    from .names import sanitize
 
     dec, enc = "model.decoder.", "model.encoder.language_model."
     if any(k.startswith(dec) for k in tensors):

@@ -129,9 +129,13 @@ def step_benchmark(size: str, budget_s: float, prefix: int = 128) -> dict:
 @click.option("--recheck", is_flag=True, help="Re-run the kernel checks instead of using cached verdicts.")
 @click.option("--budget", type=click.FloatRange(min=1), default=30.0, show_default=True,
               help="Seconds for the denoise-step benchmark (split between the sizes).")
-@click.option("--sizes", default="small,full-width", show_default=True, help="Comma-separated benchmark sizes.")
+@click.option("--sizes", default=None,
+              help="Comma-separated benchmark sizes (small, full-width). Default: both on a GPU, small on the CPU, "
+                   "where a full-width step takes minutes.")
 def main(as_json, recheck, budget, sizes):
     """Check this machine: kernels against their fallbacks, and a denoise-step benchmark."""
+    if sizes is None:
+        sizes = "small,full-width" if epilogue.gpu_target() else "small"
     names = [s.strip() for s in sizes.split(",") if s.strip()]
     for n in names:
         if n not in SIZES:

@@ -10,7 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ConfigError, load_configs
-from .model import DiffusionGemma, sanitize
+from .model import DiffusionGemma
+from .names import sanitize
 
 # models shipped inside the package (mlx_diffgemma/models/NAME), loadable by name
 BUNDLED = ("sudoku",)

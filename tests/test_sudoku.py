@@ -123,7 +123,12 @@ def test_example_prints_the_grid_and_the_digits_last():
                          capture_output=True, text=True, timeout=300)
     last = out.stdout.strip().splitlines()[-1]
     assert len(last) == 81 and last.isdigit()
-    assert out.returncode == (0 if sudoku.is_solution(p[0], np.array([int(c) for c in last])) else 1)
+    solved = sudoku.is_solution(p[0], np.array([int(c) for c in last]))
+    assert out.returncode == 0
+    strict = subprocess.run([sys.executable, str(ROOT / "examples" / "sudoku.py"), "--strict", text],
+                            capture_output=True, text=True, timeout=300)
+    assert strict.returncode == (0 if solved else 1)
+    assert strict.stdout.strip().splitlines()[-1] == last  # same seed, same grid
     bad = subprocess.run([sys.executable, str(ROOT / "examples" / "sudoku.py"), "12"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "81 cells" in bad.stderr and "Traceback" not in bad.stderr

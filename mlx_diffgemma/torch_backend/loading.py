@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, GenerationConfig, ModelConfig, load_configs
+from ..names import sanitize
 from .model import DiffusionGemma
 from .ops import TorchOps
 
@@ -54,32 +55,6 @@ def resolve_device(device) -> torch.device:
 
 
 # -- names ------------------------------------------------------------------------------------
-
-
-def sanitize(weights: dict) -> dict:
-    """Checkpoint names -> module names; the same mapping as `mlx_diffgemma.model.sanitize`.
-
-    Raw HF names (`model.decoder.*`, or `model.encoder.language_model.*` when only that copy
-    exists) lose their prefix, converted names pass as they are; the vision tower, rotary buffers
-    and a stray `lm_head` are dropped (the head is the tied embedding)."""
-    dec, enc = "model.decoder.", "model.encoder.language_model."
-    has_decoder = any(k.startswith(dec) for k in weights)
-    out = {}
-    for name, w in weights.items():
-        if name.startswith(dec):
-            name = name[len(dec) :]
-        elif name.startswith(enc):
-            if has_decoder:
-                continue  # duplicate layer_scalars or tied copies
-            name = name[len(enc) :]
-        elif name.startswith("model.") or name.startswith("lm_head"):
-            continue  # vision tower, embed_vision, lm_head
-        if "rotary_emb" in name:
-            continue
-        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
-            name += ".weight"
-        out[name] = w
-    return out
 
 
 # -- MLX quantization ------------------------------------------------------------------------
