@@ -130,7 +130,7 @@ def denoise_canvas_fast(
         active = np.flatnonzero(~frozen)
         if mode.compact and kv is not None:
             n = _bucket(len(active), mode.min_bucket, C)
-            # pad with frozen rows to a bucket size (refreshing them costs nothing extra)
+            # pad with frozen rows up to a bucket size so shapes repeat (their K/V get refreshed)
             rows = np.sort(np.concatenate([active, np.flatnonzero(frozen)[: n - len(active)]]))
         else:
             rows = np.arange(C)
