@@ -33,20 +33,9 @@ FORMAT = 2  # bump when the layout changes, so stale checkpoints are rebuilt
 
 def generation_config(canvas_length: int) -> dict:
     """The released checkpoint's sampler settings (landscape.md section 1)."""
-    from mlx_diffgemma.testing import SPECIAL_TOKENS
+    from mlx_diffgemma.testing import reference_generation_config
 
-    return dict(
-        max_new_tokens=canvas_length,
-        max_denoising_steps=48,
-        sampler_config={"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
-        eos_token_id=[1, SPECIAL_TOKENS.index("<turn|>"), SPECIAL_TOKENS.index("<|tool_response>")],
-        pad_token_id=0,
-        bos_token_id=2,
-    )
+    return reference_generation_config(canvas_length)
 
 
 def ar_config(text: dict) -> dict:

@@ -88,6 +88,22 @@ def tiny_vision_config() -> dict:
                 num_key_value_heads=2, head_dim=8)
 
 
+def reference_generation_config(canvas_length: int) -> dict:
+    """The released checkpoint's sampler settings (reference spec 1.4), with this tokenizer's EOS ids."""
+    return dict(
+        max_new_tokens=canvas_length,
+        max_denoising_steps=48,
+        sampler_config={"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+        eos_token_id=[1, SPECIAL_TOKENS.index("<turn|>"), SPECIAL_TOKENS.index("<|tool_response>")],
+        pad_token_id=0,
+        bos_token_id=2,
+    )
+
+
 def build_checkpoint(
     out_dir,
     text_overrides: dict | None = None,
@@ -136,18 +152,7 @@ def build_checkpoint(
     model.save_pretrained(out_dir, **kwargs)
     tokenizer.save_pretrained(out_dir)
 
-    gen = dict(
-        max_new_tokens=canvas_length,
-        max_denoising_steps=48,
-        sampler_config={"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
-        eos_token_id=[1, SPECIAL_TOKENS.index("<turn|>"), SPECIAL_TOKENS.index("<|tool_response>")],
-        pad_token_id=0,
-        bos_token_id=2,
-    )
+    gen = reference_generation_config(canvas_length)
     gen.update(generation or {})
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
 

@@ -7,6 +7,7 @@ import torch
 from transformers import DiffusionGemmaForBlockDiffusion, DynamicCache
 
 from mlx_diffgemma import load
+from reference import hf_step
 
 
 def close(ours, ref):
@@ -22,19 +23,6 @@ def pair(tiny_checkpoint):
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32).eval()
     model, _ = load(path)
     return hf, model
-
-
-def hf_step(hf, cache, canvas, position, input_ids=None, self_cond=None):
-    C = canvas.shape[1]
-    with torch.no_grad():
-        out = hf(
-            input_ids=None if input_ids is None else torch.tensor(input_ids),
-            decoder_input_ids=torch.tensor(canvas),
-            cache=cache,
-            self_conditioning_logits=None if self_cond is None else torch.tensor(self_cond),
-            decoder_position_ids=torch.arange(position, position + C)[None],
-        )
-    return out.logits.numpy()
 
 
 @pytest.mark.parametrize("prefix_len", [3, 40])  # 40 is longer than every tiny sliding window

@@ -23,6 +23,7 @@ from mlx_diffgemma.generate import denoise_canvas, ops_for
 from mlx_diffgemma.kernels.reference import head_statistics as mlx_head_statistics
 from mlx_diffgemma.sampler import NoiseSource, finalize_block
 from mlx_diffgemma.torch_backend import dequantize, head_statistics
+from reference import hf_step
 
 DEVICE = os.environ.get("MLX_DIFFGEMMA_TORCH_DEVICE", "cpu")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -68,20 +69,9 @@ def test_logits_match_mlx_and_transformers(tiny_checkpoint):
     rng = np.random.default_rng(4)
     prefix, canvas1, canvas2 = rng.integers(0, V, (1, 40)), rng.integers(0, V, (1, C)), rng.integers(0, V, (1, C))
 
-    def hf_step(cache, canvas, position, input_ids=None, self_cond=None):
-        with torch.no_grad():
-            out = hf(
-                input_ids=None if input_ids is None else torch.tensor(input_ids),
-                decoder_input_ids=torch.tensor(canvas),
-                cache=cache,
-                self_conditioning_logits=None if self_cond is None else torch.tensor(self_cond),
-                decoder_position_ids=torch.arange(position, position + C)[None],
-            )
-        return out.logits.numpy()
-
     hf_cache = DynamicCache(config=hf.config.text_config)
     mlx_cache, cache = mlx_model.make_cache(), model.make_cache()
-    ref = hf_step(hf_cache, canvas1, 40, input_ids=prefix)
+    ref = hf_step(hf, hf_cache, canvas1, 40, input_ids=prefix)
     mlx_model.encode(mx.array(prefix), mlx_cache)
     model.encode(prefix, cache)
     ours = model.denoise(canvas1, cache)
@@ -90,14 +80,14 @@ def test_logits_match_mlx_and_transformers(tiny_checkpoint):
     close(np_(ours), np_(mlx_model.denoise(mx.array(canvas1), mlx_cache)), "vs MLX, first step")
 
     self_cond = (ref / 0.8).astype(np.float32)
-    ref_sc = hf_step(hf_cache, canvas1, 40, self_cond=self_cond)
+    ref_sc = hf_step(hf, hf_cache, canvas1, 40, self_cond=self_cond)
     ours_sc = model.denoise(canvas1, cache, model.ops.asarray(self_cond))
     close(np_(ours_sc), ref_sc, "vs transformers, self-conditioned")
     close(np_(ours_sc), np_(mlx_model.denoise(mx.array(canvas1), mlx_cache, mx.array(self_cond))), "vs MLX, self-cond")
     assert cache.offset == 40  # denoise never writes the cache
 
     committed = ref.argmax(-1)
-    ref2 = hf_step(hf_cache, canvas2, 40 + C, input_ids=committed)
+    ref2 = hf_step(hf, hf_cache, canvas2, 40 + C, input_ids=committed)
     mlx_model.encode(mx.array(committed), mlx_cache)
     model.encode(committed, cache)
     ours2 = model.denoise(canvas2, cache)
