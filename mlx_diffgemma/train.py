@@ -383,13 +383,27 @@ def save_model_dir(out: Path, model, config_json: dict, gen: GenerationConfig, t
         task.save_tokenizer(out)
 
 
+def _write_dir_atomically(final: Path, write) -> None:
+    """`write(tmp)` fills a temporary directory beside `final`, which then replaces `final`;
+    on any failure (Ctrl-C included) the temporary directory is removed and `final` is untouched."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(cfg, step, model, optimizer, config_json, gen, tokenizer_src, task) -> Path:
     """OUT/checkpoints/step-N: written in a temporary directory, then renamed into place."""
     root = Path(cfg.out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:07d}-", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         save_model_dir(tmp, model, config_json, gen, tokenizer_src, task)
         # training state lives in a subfolder: `load` reads every *.safetensors beside config.json
         (tmp / "state").mkdir()
@@ -398,12 +412,8 @@ def save_checkpoint(cfg, step, model, optimizer, config_json, gen, tokenizer_src
             mx.save_safetensors(str(tmp / "state" / "adapters.safetensors"),
                                 dict(tree_flatten(model.trainable_parameters())))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _write_dir_atomically(final, write)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -513,19 +523,13 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
 
 def export(checkpoint: Path, out: Path) -> None:
     """Copy the loadable part of a checkpoint (no optimizer state) to `out`, atomically."""
-    out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is meant to be shipped
-    try:
+    def write(tmp: Path) -> None:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is meant to be shipped
         for f in Path(checkpoint).iterdir():
             if f.is_file() and f.name not in ("optimizer.safetensors", "trainer_state.json"):
                 shutil.copy(f, tmp / f.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    _write_dir_atomically(Path(out), write)
 
 
 def main(argv=None) -> int:
