@@ -99,7 +99,12 @@ class ModelConfig:
         kv_heads = int(need("num_key_value_heads"))
         global_head_dim = int(text.get("global_head_dim") or 512)
         global_kv = text.get("num_global_key_value_heads")
-        per_layer = text.get("per_layer_config") or {}
+        # transformers zero-pads the layer keys to the width of the largest index ("05" of 30 layers)
+        try:
+            per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
+        except ValueError:
+            raise ConfigError(f"{source}: per_layer_config keys must be layer indices, "
+                              f"got {sorted(text['per_layer_config'])}") from None
 
         specs = []
         for i, kind in enumerate(layer_types):
@@ -107,7 +112,7 @@ class ModelConfig:
             if kind == FULL:
                 hd = global_head_dim
                 kv = int(global_kv) if global_kv is not None else kv_heads
-            override = per_layer.get(str(i), per_layer.get(i)) or {}
+            override = per_layer.get(i) or {}
             hd = int(override.get("head_dim", hd))
             kv = int(override.get("num_key_value_heads", kv))
             r = {**_DEFAULT_ROPE[kind], **(rope.get(kind) or {})}

@@ -36,9 +36,25 @@ def machine() -> dict:
         d = mx.metal.device_info()
         info["chip"] = d.get("device_name", "?")
         info["gpu_memory_gb"] = round(d.get("memory_size", 0) / 2**30, 1)
+    elif info["backend"] == "cuda":
+        info["chip"] = _nvidia_name() or "NVIDIA GPU"
+        info["cpu"] = _cpu_name()
     else:
         info["chip"] = _cpu_name()
     return info
+
+
+def _nvidia_name() -> str | None:
+    # MLX has no CUDA device-name query; the driver's tool does (the doctor once reported the host CPU here)
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return names[0] if out.returncode == 0 and names else None
 
 
 def _cpu_name() -> str:

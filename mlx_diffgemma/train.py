@@ -448,9 +448,12 @@ def schedule(cfg: TrainConfig):
     return optim.join_schedules([warm, decay], [max(1, cfg.warmup_steps)])
 
 
-def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | None = None) -> Path:
+def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | None = None, on_step=None,
+          deadline: float | None = None) -> Path:
     """Run (or resume) training; returns the directory of the last checkpoint. `stop_at` ends the
-    run early at that step (with a checkpoint) while keeping the schedule of the full `steps`."""
+    run early at that step (with a checkpoint) while keeping the schedule of the full `steps`;
+    `deadline` (a time.time() value) does the same at the first step that ends after it.
+    `on_step(step, loss, seconds)` sees every finished step (seconds: that step's wall time)."""
     task = TASKS[cfg.task](cfg)
     model, config_json, gen, tokenizer_src = build(cfg)
     config_json = {**config_json, "objective": cfg.objective}
@@ -493,6 +496,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
     last = ckpt
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     for step in range(start, end):
+        step_tic = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, step])  # batches depend only on (seed, step)
         prompt, target = task.batch(step, rng)
         args = [mx.array(prompt), mx.array(target)]
@@ -509,13 +513,19 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
             raise TrainError(f"step {step}: the loss is {loss}; lower learning_rate or raise warmup_steps")
         running = loss if running is None else 0.95 * running + 0.05 * loss
         done = step + 1
+        if on_step is not None:
+            on_step(done, loss, time.perf_counter() - step_tic)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{float(optimizer.learning_rate):.2e}")
         if done % cfg.log_every == 0 and bar is None:
             log(f"step {done}/{cfg.steps} loss {running:.4f} ({time.perf_counter() - tic:.0f}s)")
-        if done % cfg.save_every == 0 or done == end:
+        late = deadline is not None and time.time() > deadline and done < end
+        if done % cfg.save_every == 0 or done == end or late:
             last = save_checkpoint(cfg, done, model, optimizer, config_json, gen, tokenizer_src, task)
+        if late:
+            log(f"deadline reached: stopped at step {done} of {cfg.steps} (checkpoint {last})")
+            break
     if bar is not None:
         bar.close()
     return last
@@ -528,6 +538,9 @@ def export(checkpoint: Path, out: Path) -> None:
         for f in Path(checkpoint).iterdir():
             if f.is_file() and f.name not in ("optimizer.safetensors", "trainer_state.json"):
                 shutil.copy(f, tmp / f.name)
+        state = Path(checkpoint) / "trainer_state.json"
+        if state.exists():  # how the model was trained (steps, batch, seed...), for the record
+            shutil.copy(state, tmp / "training.json")
 
     _write_dir_atomically(Path(out), write)
 

@@ -1,8 +1,16 @@
 """Shared fixtures: tiny random checkpoints written by transformers itself, built once per session."""
 
+import os
+
+import mlx.core as mx
 import pytest
 
 from mlx_diffgemma.testing import build_checkpoint
+
+# MLX_DIFFGEMMA_TEST_DEVICE=cpu keeps MLX on the CPU where MLX's CUDA or Metal backend is installed
+# (fp32 parity against torch and transformers is meant to be measured in exact fp32).
+if os.environ.get("MLX_DIFFGEMMA_TEST_DEVICE"):
+    mx.set_default_device(mx.cpu if os.environ["MLX_DIFFGEMMA_TEST_DEVICE"] == "cpu" else mx.gpu)
 
 F, S = "full_attention", "sliding_attention"
 

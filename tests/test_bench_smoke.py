@@ -86,3 +86,23 @@ def test_bad_size_is_a_one_line_error():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "unknown size 'huge'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sudoku_clash_rates_count_the_right_units():
+    import numpy as np
+
+    from benchmarks.sudoku_constraints import clash_rates
+    from mlx_diffgemma import sudoku
+
+    puzzles, solutions = sudoku.puzzle_set(5, 1, (40, 40))
+    p, s = puzzles[0], solutions[0]
+    i = int(np.flatnonzero(p == 0)[0])
+    row = set(p[(np.arange(81) // 9 == i // 9) & (p > 0)].tolist())
+    col = set(p[(np.arange(81) % 9 == i % 9) & (p > 0)].tolist())
+    only_row = sorted(row - col - {s[i]})
+    assert only_row, "puzzle seed 5 should have a row-only given next to its first blank"
+    filled = s.copy()
+    filled[i] = only_row[0]  # one wrong blank, clashing with its row and not its column
+    rates = clash_rates(puzzles, solutions, filled[None])
+    assert rates["row"][:1] == (1.0,) and rates["column"][:1] == (0.0,) and rates["row"][2] == 1
+    assert clash_rates(puzzles, solutions, solutions)["box"][2] == 0  # nothing wrong, nothing counted

@@ -70,6 +70,21 @@ def test_global_sizes_read_both_ways():
     assert modern.layers[5].rope_type == "proportional" and modern.layers[5].partial_rotary_factor == 0.25
 
 
+def test_global_sizes_as_transformers_writes_them():
+    # transformers zero-pads per_layer_config keys ("05" in a 30-layer model): read what it writes,
+    # not what a hand-written dict looks like
+    from transformers import DiffusionGemmaConfig
+
+    from mlx_diffgemma.testing import tiny_vision_config
+
+    text = {k: v for k, v in REAL_TEXT_CONFIG.items() if k not in ("global_head_dim", "num_global_key_value_heads")}
+    written = DiffusionGemmaConfig(text_config={**text, "global_head_dim": 512, "num_global_key_value_heads": 2},
+                                   vision_config=tiny_vision_config(), canvas_length=256).to_dict()
+    ours = ModelConfig.from_dict(written)
+    assert ours.layers == ModelConfig.from_dict(real_config()).layers
+    assert [i for i, spec in enumerate(ours.layers) if spec.num_kv_heads == 2] == [5, 11, 17, 23, 29]
+
+
 @pytest.mark.parametrize(
     "config, message",
     [

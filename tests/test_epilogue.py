@@ -151,3 +151,20 @@ def test_gpu_sources_share_the_body():
     for text in (metal, cuda, cpp):
         assert epilogue._PARTIALS in text
     assert "thread_position_in_grid" in metal and "this_grid().thread_rank()" in cuda
+
+
+def test_cuda_twins_compile_with_nvrtc():
+    # the translation units MLX's cuda_kernel would build, compiled by NVRTC for sm_90 (no GPU needed);
+    # without the `uint` macro they fail exactly as on an H100 (2026-11-27)
+    from mlx_diffgemma.kernels import nvrtc
+
+    if nvrtc.find_nvrtc() is None:
+        pytest.skip("NVRTC wheels not installed (the test extra installs them on Linux x86-64)")
+    for dtype in ("float32", "bfloat16"):
+        for name, unit in nvrtc.epilogue_units(dtype).items():
+            ok, log = nvrtc.compile_check(unit, name + ".cu")
+            assert ok, f"{name} ({dtype}): {log}"
+    metal_only = {k: v for k, v in epilogue._CUDA_MACROS.items() if k != "uint"}
+    name, unit = next(iter(nvrtc.epilogue_units("float32", macros=metal_only).items()))
+    ok, log = nvrtc.compile_check(unit, name + ".cu")
+    assert not ok and 'identifier "uint" is undefined' in log

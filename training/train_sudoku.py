@@ -1,50 +1,111 @@
 """Train the bundled Sudoku model (and its autoregressive baseline) from scratch, reproducibly.
 
-    python training/train_sudoku.py                 # diffusion model -> mlx_diffgemma/models/sudoku
-    python training/train_sudoku.py --baseline      # the autoregressive baseline -> runs/
-    python training/train_sudoku.py --stop-at 400   # stop early (the schedule stays that of `steps`)
+    python training/train_sudoku.py                      # diffusion model -> mlx_diffgemma/models/sudoku
+    python training/train_sudoku.py --baseline           # the autoregressive baseline -> runs/
+    python training/train_sudoku.py --steps 2000         # another length (the schedule follows it)
+    python training/train_sudoku.py --budget-s 300       # as many steps as fit in 300 s on this machine
 
 Everything is seeded: the model init (`seed`), the grid pool and every batch (a function of
-(seed, step)), the corruption and the self-conditioning draws, so the same command on the same
-library versions writes the same weights (bit-for-bit on the same machine; BLAS builds may differ
-in the last bits). For speed on Linux, run it with OpenBLAS preloaded:
+(seed, step)), the corruption and the self-conditioning draws, so the same command with the same
+`steps` on the same library versions and device writes the same weights (GPU kernels and BLAS
+builds may differ in the last bits). `--budget-s` times a short probe run first and sets `steps`
+from it; the chosen number is printed and saved in the checkpoint's trainer state, so
+`--steps N` repeats the run anywhere (`--steps-file F` also writes the number to F, for a
+baseline that must train as long). On a Linux CPU, preload OpenBLAS for speed:
 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3.
 """
 
 import argparse
+import dataclasses
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+import mlx.core as mx  # noqa: E402
+
 from mlx_diffgemma.train import TrainConfig, TrainError, export, train  # noqa: E402
 
 BUNDLED = HERE.parent / "mlx_diffgemma" / "models" / "sudoku"
+BASELINE = HERE.parent / "runs" / "sudoku-autoregressive-final"
+PROBE_STEPS = 40  # the first 10 compile; the other 30 price a step
+FIXED_S = 25  # building the grid pool, the model and the compiled step again after the probe
 
-# The bundled model is the step-STOP_AT checkpoint of training/sudoku.yaml: the end of its
-# configured schedule (see docs/sudoku.md).
-STOP_AT = 1000
+
+def steps_for_budget(cfg: TrainConfig, budget_s: float, started: float, safety: float = 0.95) -> int:
+    """Time PROBE_STEPS steps of `cfg` in a scratch directory, then return how many steps fit in
+    `safety` x what is left of `budget_s` (a multiple of 50, at least 100)."""
+    times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = dataclasses.replace(cfg, out_dir=tmp, steps=10**6, save_every=10**6, log_every=10**6)
+        try:
+            train(probe, progress=False, stop_at=PROBE_STEPS, on_step=lambda s, loss, dt: times.append(dt))
+        except Exception as e:  # a backend that cannot compile the step still trains without mx.compile
+            if not cfg.compile:
+                raise
+            print(f"probe failed with mx.compile ({type(e).__name__}: {e}); trying without", flush=True)
+            cfg.compile = probe.compile = False
+            times.clear()
+            shutil.rmtree(Path(tmp) / "checkpoints", ignore_errors=True)
+            train(probe, progress=False, stop_at=PROBE_STEPS, on_step=lambda s, loss, dt: times.append(dt))
+    per_step = sum(times[10:]) / len(times[10:])
+    left = budget_s - (time.perf_counter() - started) - FIXED_S
+    steps = max(100, int(safety * left / per_step) // 50 * 50)
+    print(f"probe: {per_step * 1e3:.1f} ms/step; {left:.0f} s left -> {steps} steps", flush=True)
+    return steps
 
 
 def main() -> int:
+    started = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
-    p.add_argument("--stop-at", type=int, default=STOP_AT, help="stop at this step (default: %(default)s)")
-    p.add_argument("--no-export", action="store_true", help="do not copy the result into the package")
+    p.add_argument("--config", default=None, help="another training config (default: training/sudoku.yaml, or "
+                   "training/sudoku_autoregressive.yaml with --baseline)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    p.add_argument("--budget-s", type=float, default=None, help="pick the steps that fit in this many seconds")
+    p.add_argument("--steps-file", default=None, help="with --budget-s, also write the chosen steps to this file")
+    p.add_argument("--stop-at", type=int, default=None, help="stop early at this step (the schedule stays)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="stop (with a checkpoint) at the first step ending after this Unix time")
+    p.add_argument("--safety", type=float, default=0.95,
+                   help="with --budget-s, the share of the measured time left that the steps may fill")
+    p.add_argument("--device", choices=["gpu", "cpu"], default=None, help="MLX device (default: MLX's)")
+    p.add_argument("--out-dir", default=None, help="checkpoints here instead of the config's out_dir")
+    p.add_argument("--export", default=None, help="copy the final model here (default: the package for the "
+                   "diffusion model, runs/sudoku-autoregressive-final for the baseline)")
+    p.add_argument("--no-export", action="store_true", help="do not copy the result anywhere")
     args = p.parse_args()
-    config = HERE / ("sudoku_autoregressive.yaml" if args.baseline else "sudoku.yaml")
+    if args.device:
+        mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
+    config = Path(args.config) if args.config else HERE / ("sudoku_autoregressive.yaml" if args.baseline else "sudoku.yaml")
     try:
         cfg = TrainConfig.from_file(config)
-        last = train(cfg, stop_at=args.stop_at)
+        if args.out_dir:
+            cfg.out_dir = args.out_dir
+        if args.budget_s is not None:
+            cfg.steps = steps_for_budget(cfg, args.budget_s, started, args.safety)
+            if args.steps_file:
+                tmp = Path(args.steps_file).with_suffix(".tmp")
+                tmp.write_text(str(cfg.steps))
+                tmp.replace(args.steps_file)
+        if args.steps is not None:
+            cfg.steps = args.steps
+        cfg.validate(str(config))
+        print(f"{cfg.objective}: {cfg.steps} steps of batch {cfg.batch_size} on {mx.default_device()}", flush=True)
+        tic = time.perf_counter()
+        last = train(cfg, progress=sys.stderr.isatty(), stop_at=args.stop_at, deadline=args.deadline)
+        print(f"trained in {time.perf_counter() - tic:.0f} s -> {last}", flush=True)
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.baseline and not args.no_export:
-        export(last, BUNDLED)
-        print(f"exported {last} -> {BUNDLED}")
-    else:
-        print(last)
+    if not args.no_export:
+        dest = Path(args.export) if args.export else (BASELINE if args.baseline else BUNDLED)
+        export(last, dest)
+        print(f"exported {last} -> {dest}")
     return 0
 
 

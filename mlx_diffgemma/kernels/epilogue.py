@@ -126,6 +126,7 @@ _METAL_MACROS = {
     "NEG_BIG": NEG_BIG,
 }
 _CUDA_MACROS = {
+    "uint": "unsigned int",  # a Metal type name the bodies use; NVRTC does not know it (seen on an H100)
     "TID": "cooperative_groups::this_grid().thread_rank()",
     "KFLOAT(v)": "static_cast<float>(v)",
     "EXPF": "expf",
