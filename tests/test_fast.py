@@ -1,6 +1,8 @@
 """Fast modes: partial canvas passes are exact, a no-op mode reproduces the reference, and each
 mode runs and does less work."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -59,6 +61,22 @@ def test_modes_do_less_trunk_work(sharp, name):
     assert fast.row_passes_per_token < ref.row_passes_per_token
     if MODES[name].compact:
         assert fast.row_passes < fast.denoise_steps * model.config.canvas_length  # rows left the trunk
+
+
+def test_compaction_refreshed_every_step_is_freeze(sharp):
+    # refresh_every=1 runs every row at every step: no stale K/V, so exactly `freeze`
+    model, tok = sharp
+    kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
+    run = lambda mode: list(stream_generate(model, tok, [2, 4, 40, 41, 5], mode=mode, **kw))[-1]  # noqa: E731
+    freeze = run("freeze")
+    always = run(replace(MODES["compact"], name="compact-r1", refresh_every=1))
+    never = run(replace(MODES["compact"], name="compact-r0", refresh_every=None))
+    assert always.token_ids == freeze.token_ids and always.stats.row_passes == freeze.stats.row_passes
+    C = model.config.canvas_length
+    assert never.stats.row_passes < never.stats.denoise_steps * C  # rows left the trunk
+    every4 = run(replace(MODES["compact"], name="compact-r4", refresh_every=4)).stats
+    refreshes = sum(-(-s // 4) for s in every4.steps_per_canvas)  # steps 0, 4, 8, ... of each canvas
+    assert refreshes * C <= every4.row_passes < every4.denoise_steps * C
 
 
 def test_unknown_mode_is_a_clear_error():
