@@ -17,24 +17,20 @@ import numpy as np
 from mlx_diffgemma import load, sudoku
 from mlx_diffgemma.loading import resolve
 
-UNITS = {"row": np.arange(81) // 9, "column": np.arange(81) % 9,
-         "box": (np.arange(81) // 27) * 3 + (np.arange(81) % 9) // 3}
-
-
 def clash_rates(puzzles: np.ndarray, solutions: np.ndarray, filled: np.ndarray) -> dict:
     """unit -> (model clash rate, random-wrong-digit clash rate, wrong blanks counted)."""
-    seen = {u: [] for u in UNITS}
-    chance = {u: [] for u in UNITS}
+    seen = {u: [] for u in sudoku.UNIT_OF}
+    chance = {u: [] for u in sudoku.UNIT_OF}
     for p, s, f in zip(puzzles, solutions, filled):
         for i in np.flatnonzero((p == 0) & (f != s)):
-            for u, unit in UNITS.items():
+            for u, unit in sudoku.UNIT_OF.items():
                 givens = set(p[(unit == unit[i]) & (p > 0)].tolist())
                 seen[u].append(f[i] in givens)
                 chance[u].append(np.mean([d in givens for d in range(1, 10) if d != s[i]]))
     def mean(x):
         return float(np.mean(x)) if x else float("nan")
 
-    return {u: (mean(seen[u]), mean(chance[u]), len(seen[u])) for u in UNITS}
+    return {u: (mean(seen[u]), mean(chance[u]), len(seen[u])) for u in sudoku.UNIT_OF}
 
 
 def main(argv=None) -> int:

@@ -200,6 +200,7 @@ def trained_agreement(device: str, model_ref: str, n: int) -> dict:
     import mlx.core as mx
 
     from mlx_diffgemma import load, sudoku
+    from mlx_diffgemma.generate import ops_for
     from mlx_diffgemma.loading import resolve
 
     path = resolve(model_ref)
@@ -220,16 +221,12 @@ def trained_agreement(device: str, model_ref: str, n: int) -> dict:
     argmax, solved, digits = {}, {}, {}
     for name, kw in systems.items():
         model, _ = load(path, **kw)
-        ops = model.ops if hasattr(model, "ops") else None
+        ops = ops_for(model)
         outs = []
         for canvas in canvases:
             cache = model.make_cache()
-            if ops is not None:
-                model.encode(prompts, cache)
-                outs.append(model.denoise(canvas, cache).float().cpu().numpy().argmax(-1))
-            else:
-                model.encode(mx.array(prompts), cache)
-                outs.append(np.array(model.denoise(mx.array(canvas), cache).astype(mx.float32)).argmax(-1))
+            model.encode(ops.asarray(prompts), cache)
+            outs.append(ops.to_numpy(model.denoise(ops.asarray(canvas), cache)).argmax(-1))  # fp32 logits
         argmax[name] = np.stack(outs)
         digits[name] = sudoku.solve_batch(model, puzzles, seed=3)
         solved[name] = float(np.mean([sudoku.is_solution(p, g) for p, g in zip(puzzles, digits[name])]))

@@ -25,6 +25,7 @@ CELLS = 81
 _ROW = np.arange(CELLS) // 9
 _COL = np.arange(CELLS) % 9
 _BOX = (_ROW // 3) * 3 + _COL // 3
+UNIT_OF = {"row": _ROW, "column": _COL, "box": _BOX}  # cell -> index of its row, column, box
 # the 20 peers of each cell (same row, column or box, itself excluded)
 PEERS = [
     [j for j in range(CELLS) if j != i and (_ROW[i] == _ROW[j] or _COL[i] == _COL[j] or _BOX[i] == _BOX[j])]

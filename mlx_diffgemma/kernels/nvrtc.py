@@ -18,6 +18,7 @@ launch geometry and results, which only a GPU checks (the registry does, on firs
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 from pathlib import Path
@@ -70,6 +71,7 @@ def _nvidia_root() -> Path | None:
     return None
 
 
+@functools.cache  # the libraries load once per process, not once per compile
 def find_nvrtc() -> tuple[ctypes.CDLL, list[str]] | None:
     """(libnvrtc, include dirs) from the NVIDIA pip wheels, or None when they are not installed."""
     root = _nvidia_root()
