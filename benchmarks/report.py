@@ -105,6 +105,16 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def _save(plt, fig, title: str, stem: Path, suffix: str) -> str:
+    """Title, lay out, write STEM-SUFFIX.png and close the figure; returns the path."""
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    path = stem.with_name(f"{stem.name}-{suffix}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plots(result: dict, stem: Path) -> list[str]:
     """tokens/s by system and step time against prefix length; [] when matplotlib is missing."""
     try:
@@ -137,12 +147,7 @@ def plots(result: dict, stem: Path) -> list[str]:
             ax.set_xticks(range(len(sel)), labels, rotation=60, ha="right", fontsize=7)
             ax.set_yscale("log")
             ax.set_title(f"{size}: committed tokens/s", fontsize=9)
-        fig.suptitle(title, fontsize=8)
-        fig.tight_layout()
-        path = stem.with_name(stem.name + "-tokens.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(_save(plt, fig, title, stem, "tokens"))
 
     steps = [r for r in rows if r["scenario"].startswith("step@")]
     if steps:
@@ -162,12 +167,7 @@ def plots(result: dict, stem: Path) -> list[str]:
             ax.set_ylabel("ms per step (ar-twin: per token)")
             ax.set_title(f"{size}: step time vs prefix", fontsize=9)
             ax.legend(fontsize=7)
-        fig.suptitle(title, fontsize=8)
-        fig.tight_layout()
-        path = stem.with_name(stem.name + "-steps.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(_save(plt, fig, title, stem, "steps"))
     return written
 
 
