@@ -91,6 +91,7 @@ def test_global_sizes_as_transformers_writes_them():
         ({"model_type": "gemma4", "text_config": REAL_TEXT_CONFIG}, "model_type is 'gemma4'"),
         ({"model_type": "diffusion_gemma"}, "text_config"),
         (real_config(num_experts=None), "text_config.num_experts is missing"),
+        (real_config(per_layer_config={"five": {"head_dim": 512}}), "per_layer_config keys must be layer indices"),
     ],
 )
 def test_bad_configs_say_what_is_wrong(config, message):
