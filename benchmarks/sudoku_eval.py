@@ -80,15 +80,23 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--steps", type=int, default=None, help="override max_denoising_steps")
     p.add_argument("--entropy-bound", type=float, default=None, help="override entropy_bound")
+    p.add_argument("--modes", default="", help="also solve with these fast modes, comma-separated "
+                   "(mlx_diffgemma.fast.MODES; one puzzle at a time, puzzle i with seed + i)")
     p.add_argument("--out", default=None, help="result file stem (default: sudoku_eval-<stamp>)")
     args = p.parse_args(argv)
 
     from benchmarks.machine import record as machine_record
     from mlx_diffgemma import sudoku
+    from mlx_diffgemma.fast import MODES
     from mlx_diffgemma.loading import LoadError, load
 
     if args.puzzles < 1 or not 17 <= args.givens[0] <= args.givens[1] <= 81:
         print("error: need --puzzles >= 1 and 17 <= LO <= HI <= 81 for --givens", file=sys.stderr)
+        return 2
+    modes = [m for m in args.modes.split(",") if m and m != "reference"]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        print(f"error: unknown mode {unknown[0]!r} in --modes; choose from {', '.join(MODES)}", file=sys.stderr)
         return 2
     tic = time.perf_counter()
     puzzles, _ = sudoku.puzzle_set(args.puzzle_seed, args.puzzles, tuple(args.givens))
@@ -105,6 +113,14 @@ def main(argv=None) -> int:
         systems["diffusion"] = {"model": args.diffusion, "sampler": "reference",
                                 "max_denoising_steps": gen.max_denoising_steps, "entropy_bound": gen.entropy_bound,
                                 **summarize(puzzles, grids, time.perf_counter() - tic)}
+        for mode in modes:
+            from benchmarks.fast_path import solve_one
+
+            gen_fast = gen.override(max_new_tokens=sudoku.CELLS)
+            tic = time.perf_counter()
+            grids = np.stack([solve_one(model, p, args.seed + i, mode, gen_fast)[0] for i, p in enumerate(puzzles)])
+            systems[f"diffusion {mode}"] = {"model": args.diffusion, "sampler": f"fast mode {mode}, one puzzle at a time",
+                                            **summarize(puzzles, grids, time.perf_counter() - tic)}
         if args.autoregressive:
             model, _ = load(args.autoregressive)
             tic = time.perf_counter()

@@ -189,8 +189,10 @@ def denoise_canvas_fast(
         entropy[:, active] = np.array(ent)
         sample[:, active] = np.array(smp)
         sample[:, frozen] = argmax[:, frozen]
-
-        result = state.step(argmax.copy(), sample, entropy)
+        # a frozen position can no longer change: in the stop test it counts as settled, where its
+        # entropy from the step that froze it (up to freeze_entropy, 10x the reference's confidence
+        # threshold) would hold the mean above the threshold long after the canvas is done
+        result = state.step(argmax.copy(), sample, entropy, stop_entropy=np.where(frozen, 0.0, entropy))
         if mode.freeze_entropy is not None:
             newly = result.accepted[0] & (entropy[0] < mode.freeze_entropy) & ~frozen
             frozen |= newly

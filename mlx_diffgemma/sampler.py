@@ -97,8 +97,11 @@ class BlockSampler:
     def uniforms(self) -> np.ndarray:
         return self.noise.uniforms(self.block, self.steps, self.canvas.shape)
 
-    def step(self, argmax: np.ndarray, sample: np.ndarray, entropy: np.ndarray) -> StepResult:
-        """argmax / sample [B, C] int, entropy [B, C] float32 of the temperature-scaled logits."""
+    def step(self, argmax: np.ndarray, sample: np.ndarray, entropy: np.ndarray,
+             stop_entropy: np.ndarray | None = None) -> StepResult:
+        """argmax / sample [B, C] int, entropy [B, C] float32 of the temperature-scaled logits.
+        `stop_entropy`, when given, replaces `entropy` in the stop test only (the fast modes pass
+        zeros for positions that are frozen and so can no longer change)."""
         gen = self.gen
         accepted = entropy_bound_accept(entropy, gen.entropy_bound)
         noise = self.noise.renoise(self.block, self.steps, self.canvas.shape)
@@ -110,7 +113,7 @@ class BlockSampler:
         argmax = np.where(frozen, self.argmax, argmax)
         new_canvas = np.where(frozen, self.canvas, new_canvas)
 
-        mean_h = entropy.mean(axis=-1, dtype=np.float32)
+        mean_h = (entropy if stop_entropy is None else stop_entropy).mean(axis=-1, dtype=np.float32)
         if gen.stability_threshold == 0:
             stable = np.ones(len(argmax), dtype=bool)
         else:

@@ -106,3 +106,24 @@ def test_sudoku_clash_rates_count_the_right_units():
     rates = clash_rates(puzzles, solutions, filled[None])
     assert rates["row"][:1] == (1.0,) and rates["column"][:1] == (0.0,) and rates["row"][2] == 1
     assert clash_rates(puzzles, solutions, solutions)["box"][2] == 0  # nothing wrong, nothing counted
+
+
+def test_sudoku_eval_reports_each_fast_mode(tmp_path, monkeypatch):
+    from benchmarks import sudoku_eval
+
+    monkeypatch.setattr(sudoku_eval, "RESULTS", tmp_path)
+    assert sudoku_eval.main(["--puzzles", "3", "--givens", "45", "50", "--modes", "compact,turbo",
+                             "--batch", "3", "--out", "eval"]) == 0
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert list(doc["systems"]) == ["diffusion", "diffusion compact", "diffusion turbo"]
+    for system in doc["systems"].values():
+        assert system["overall"]["puzzles"] == 3 and 0.0 <= system["blank_cells_right"] <= 1.0
+    assert "diffusion turbo solved" in (tmp_path / "eval.md").read_text()
+
+
+def test_sudoku_eval_names_an_unknown_mode(capsys):
+    from benchmarks import sudoku_eval
+
+    assert sudoku_eval.main(["--puzzles", "1", "--modes", "warp"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown mode 'warp'" in err and "turbo" in err

@@ -58,3 +58,23 @@ def test_noise_source_is_addressable_and_uniform():
     assert u.dtype == np.float32 and 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02
     with pytest.raises(ValueError):
         NoiseSource(-1, 10)
+
+
+def test_stop_entropy_replaces_entropy_in_the_stop_test_only():
+    from mlx_diffgemma.sampler import BlockSampler
+
+    gen = GenerationConfig(confidence_threshold=0.005, stability_threshold=1, entropy_bound=0.1)
+    argmax = np.arange(8)[None]
+    entropy = np.full((1, 8), 0.03, dtype=np.float32)  # settled but above the mean threshold
+    settled = np.zeros_like(entropy)
+
+    def two_steps(**kw):
+        state = BlockSampler(gen, NoiseSource(0, 16), 0, np.zeros((1, 8), dtype=np.int64))
+        first = state.step(argmax, argmax, entropy, **kw)
+        return first, state.step(argmax, argmax, entropy, **kw)
+
+    plain, with_stop = two_steps(), two_steps(stop_entropy=settled)
+    assert not plain[1].done and with_stop[1].done  # stable twice, and confident only by stop_entropy
+    assert not with_stop[0].done  # the stability test still needs a repeated argmax
+    assert (plain[1].accepted == with_stop[1].accepted).all()  # acceptance still sees `entropy`
+    assert (plain[1].canvas == with_stop[1].canvas).all()
