@@ -17,8 +17,6 @@ names and shapes (on the meta device).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 import zlib
 from pathlib import Path
@@ -150,6 +148,7 @@ def build(size: str, root: Path, dtype: str = "float32", seed: int = 0, log=prin
     import torch
     from safetensors.torch import save_file
 
+    from mlx_diffgemma.files import atomic_dir
     from mlx_diffgemma.testing import build_tokenizer
 
     text = text_config(size)
@@ -162,11 +161,10 @@ def build(size: str, root: Path, dtype: str = "float32", seed: int = 0, log=prin
         return {"hf": out / "hf", "ar": out / "ar"}
 
     log(f"building {size} ({dtype}) checkpoint in {out}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=root))
-    hf, ar = tmp / "hf", tmp / "ar"
-    hf.mkdir()
-    ar.mkdir()
-    try:
+    with atomic_dir(out, "building") as tmp:
+        hf, ar = tmp / "hf", tmp / "ar"
+        hf.mkdir()
+        ar.mkdir()
         _hf_config(text, canvas_length).save_pretrained(hf)
         cfg = json.loads((hf / "config.json").read_text())
         cfg["text_config"]["global_head_dim"] = text["global_head_dim"]
@@ -210,12 +208,6 @@ def build(size: str, root: Path, dtype: str = "float32", seed: int = 0, log=prin
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (hf / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "built.json").write_text(json.dumps(recipe, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"built {size}: {total / 2**30:.2f} GiB of weights")
     return {"hf": out / "hf", "ar": out / "ar"}
 

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -83,7 +82,7 @@ def _bf16(x: np.ndarray) -> np.ndarray:
     return (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # truncation is fine for noise
 
 
-def _fill(name: str, shape: tuple, rng) -> "iterator of uint16 chunks":
+def _fill(name: str, shape: tuple, rng):  # yields uint16 chunks
     rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
     cols = shape[-1]
     if name.endswith("layer_scalar"):

@@ -37,7 +37,7 @@ def machine_lines(result: dict) -> list[str]:
     lines = [
         f"- Machine: {m['cpu']}, {m['cpu_count']} cores, {_gib(m.get('memory_bytes'))} GiB RAM"
         + (f", GPU: {'; '.join(m['gpus'])}" if m.get("gpus") else ", no GPU") + f" ({m['platform']})",
-        f"- Libraries: " + ", ".join(f"{k} {x}" for k, x in sorted(v.items())),
+        "- Libraries: " + ", ".join(f"{k} {x}" for k, x in sorted(v.items())),
         f"- Commit: {m.get('commit')}; started {result['started']}; command `{result['command']}`",
         f"- Settings: {result['settings']['dtype']}; {result['settings']['sampler']}; "
         f"{result['settings']['prompt']}; MLX BLAS preload: {result['settings'].get('openblas_for_mlx') or 'none'}",

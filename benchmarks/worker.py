@@ -328,7 +328,7 @@ def run_mlx_vlm(job: dict) -> dict:
         model.config.generation_config = config
         stamps.clear()
         mx.random.seed(0)
-        last, n_tokens = None, 0
+        last = None
         for r in diffusion.stream_diffusion_generate(
             model, processor, _Tokenizer(), mx.array([ids]), None, None,
             max_tokens=max_tokens, skip_special_token_ids=[], temperature=1.0,

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import quant
 from .config import ConfigError, ModelConfig, read_json
+from .files import atomic_dir
 
 MAX_SHARD_BYTES = 5 * 10**9
 CHUNK_BYTES = 64 * 2**20  # source bytes per chunk: bounds the working set
@@ -564,8 +565,6 @@ def convert(
 
     if not any(p.name.startswith("tokenizer") for p in src.iterdir()):
         log(f"[convert] warning: {src} has no tokenizer files; copy them into {out} before loading it")
-    tmp = out.parent / f".{out.name}.converting-{os.getpid()}"
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
     text_bytes = sum(j.source.end - j.source.start for s in plan.shards for j in s.jobs)
     progress = {"read": 0, "next": 2**30}
 
@@ -576,9 +575,7 @@ def convert(
             log(f"[convert] {progress['read'] / 1e9:.1f} / {text_bytes / 1e9:.1f} GB ({time.perf_counter() - t0:.0f} s)")
 
     read = 0
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+    with atomic_dir(out, "converting") as tmp:  # --force: the old directory goes only once the new one is in
         for shard in plan.shards:
             read += write_shard(shard, tmp / shard.name, on_tensor)
             log(f"[convert] wrote {shard.name} ({shard.nbytes / 1e9:.2f} GB)")
@@ -587,16 +584,6 @@ def convert(
         copy_side_files(src, tmp)
         (tmp / "README.md").write_text(model_card(plan, source_name, dtype_name))
         verify(plan, tmp)
-        if out.exists():  # --force: swap in the new directory, then drop the old one
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not out.exists():
-            os.replace(old, out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
     seconds = time.perf_counter() - t0
     log(f"[convert] done in {seconds:.1f} s ({read / 1e9 / seconds:.2f} GB/s read): {out}")
     return out

@@ -738,7 +738,7 @@ class Handler(BaseHTTPRequestHandler):
         start = payload
         if job.request.stream:
             return self._stream(job, start)
-        reasoning, content, done = [], [], None
+        done = None
         while done is None:
             event = self._next_event(job)
             if event is None:

@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,6 +60,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import ConfigError, GenerationConfig, ModelConfig
+from .files import atomic_dir
 from .model import DiffusionGemma, causal_mask
 
 LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
@@ -359,12 +358,6 @@ def generate_autoregressive(model, prompt: np.ndarray, length: int) -> np.ndarra
 # -- checkpoints -------------------------------------------------------------------------------
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def save_model_dir(out: Path, model, config_json: dict, gen: GenerationConfig, tokenizer_src, task) -> None:
     """A loadable model directory: weights (LoRA fused), config.json, generation_config.json, tokenizer."""
     out.mkdir(parents=True, exist_ok=True)
@@ -383,27 +376,12 @@ def save_model_dir(out: Path, model, config_json: dict, gen: GenerationConfig, t
         task.save_tokenizer(out)
 
 
-def _write_dir_atomically(final: Path, write) -> None:
-    """`write(tmp)` fills a temporary directory beside `final`, which then replaces `final`;
-    on any failure (Ctrl-C included) the temporary directory is removed and `final` is untouched."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_checkpoint(cfg, step, model, optimizer, config_json, gen, tokenizer_src, task) -> Path:
     """OUT/checkpoints/step-N: written in a temporary directory, then renamed into place."""
     root = Path(cfg.out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-
-    def write(tmp: Path) -> None:
+    with atomic_dir(final) as tmp:
         save_model_dir(tmp, model, config_json, gen, tokenizer_src, task)
         # training state lives in a subfolder: `load` reads every *.safetensors beside config.json
         (tmp / "state").mkdir()
@@ -412,8 +390,6 @@ def save_checkpoint(cfg, step, model, optimizer, config_json, gen, tokenizer_src
             mx.save_safetensors(str(tmp / "state" / "adapters.safetensors"),
                                 dict(tree_flatten(model.trainable_parameters())))
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
-
-    _write_dir_atomically(final, write)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[: -cfg.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -533,16 +509,13 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
 
 def export(checkpoint: Path, out: Path) -> None:
     """Copy the loadable part of a checkpoint (no optimizer state) to `out`, atomically."""
-    def write(tmp: Path) -> None:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is meant to be shipped
+    with atomic_dir(out) as tmp:
         for f in Path(checkpoint).iterdir():
             if f.is_file() and f.name not in ("optimizer.safetensors", "trainer_state.json"):
                 shutil.copy(f, tmp / f.name)
         state = Path(checkpoint) / "trainer_state.json"
         if state.exists():  # how the model was trained (steps, batch, seed...), for the record
             shutil.copy(state, tmp / "training.json")
-
-    _write_dir_atomically(Path(out), write)
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,6 @@ inverse-CDF draw from our noise source's uniforms. The algorithm itself runs unt
 
 import contextlib
 
-import numpy as np
 import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
