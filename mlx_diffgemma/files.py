@@ -1,8 +1,7 @@
-"""Atomic writes: a model directory or a JSON file is either wholly the new one or untouched."""
+"""Atomic writes: a model directory is either wholly the new one or untouched."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -34,9 +33,3 @@ def atomic_dir(final, tag: str = "writing"):
     finally:
         shutil.rmtree(old, ignore_errors=True)
 
-
-def atomic_json(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
