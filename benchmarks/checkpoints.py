@@ -29,6 +29,20 @@ SHARD_BYTES = 2 << 30
 FORMAT = 2  # bump when the layout changes, so stale checkpoints are rebuilt
 
 
+
+def shard_groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Tensor names, in the given order, packed into consecutive shards of at most `limit` bytes
+    (a tensor larger than `limit` gets a shard of its own), as the hub's checkpoints are split."""
+    shards: list[list[str]] = [[]]
+    total = 0
+    for name, n in sizes.items():
+        if shards[-1] and total + n > limit:
+            shards.append([])
+            total = 0
+        shards[-1].append(name)
+        total += n
+    return shards
+
 def generation_config(canvas_length: int) -> dict:
     """The released checkpoint's sampler settings (landscape.md section 1)."""
     from mlx_diffgemma.testing import reference_generation_config
@@ -184,15 +198,7 @@ def build(size: str, root: Path, dtype: str = "float32", seed: int = 0, log=prin
             raise RuntimeError(f"names without shapes: {sorted(missing)[:5]}")
         torch_dtype = getattr(torch, dtype)
         itemsize = torch.tensor([], dtype=torch_dtype).element_size()
-        shards: list[list[str]] = [[]]
-        nbytes = 0
-        for name in sorted(names):
-            size_b = int(np.prod(shapes[name])) * itemsize
-            if shards[-1] and nbytes + size_b > SHARD_BYTES:
-                shards.append([])
-                nbytes = 0
-            shards[-1].append(name)
-            nbytes += size_b
+        shards = shard_groups({n: int(np.prod(shapes[n])) * itemsize for n in sorted(names)}, SHARD_BYTES)
         weight_map, total = {}, 0
         std = float(text.get("initializer_range", 0.02))
         for i, group in enumerate(shards):

@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # it runs as a script, from anywhere
+from benchmarks.checkpoints import shard_groups  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 SHARD_BYTES = 2 * 10**9  # source shard size, like the hub's ~2-5 GB shards
 
@@ -114,14 +117,7 @@ def write_checkpoint(out: Path, layers: int, seed: int = 0) -> int:
     """Sharded bf16 safetensors + index + config, written chunk by chunk. Returns total bytes."""
     rng = np.random.default_rng(seed)
     shapes = tensor_shapes(layers)
-    groups, size = [[]], 0
-    for name, shape in shapes.items():
-        n = int(np.prod(shape)) * 2
-        if groups[-1] and size + n > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += n
+    groups = shard_groups({name: int(np.prod(shape)) * 2 for name, shape in shapes.items()}, SHARD_BYTES)
     weight_map, total = {}, 0
     for i, names in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
