@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="result file stem (default: sudoku_eval-<stamp>)")
     args = p.parse_args(argv)
 
+    from benchmarks.fast_path import solve_one
     from benchmarks.machine import record as machine_record
     from mlx_diffgemma import sudoku
     from mlx_diffgemma.fast import MODES
@@ -113,10 +114,8 @@ def main(argv=None) -> int:
         systems["diffusion"] = {"model": args.diffusion, "sampler": "reference",
                                 "max_denoising_steps": gen.max_denoising_steps, "entropy_bound": gen.entropy_bound,
                                 **summarize(puzzles, grids, time.perf_counter() - tic)}
+        gen_fast = gen.override(max_new_tokens=sudoku.CELLS)
         for mode in modes:
-            from benchmarks.fast_path import solve_one
-
-            gen_fast = gen.override(max_new_tokens=sudoku.CELLS)
             tic = time.perf_counter()
             grids = np.stack([solve_one(model, p, args.seed + i, mode, gen_fast)[0] for i, p in enumerate(puzzles)])
             systems[f"diffusion {mode}"] = {"model": args.diffusion, "sampler": f"fast mode {mode}, one puzzle at a time",
