@@ -32,4 +32,3 @@ def atomic_dir(final, tag: str = "writing"):
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
-
