@@ -29,7 +29,6 @@ SHARD_BYTES = 2 << 30
 FORMAT = 2  # bump when the layout changes, so stale checkpoints are rebuilt
 
 
-
 def shard_groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
     """Tensor names, in the given order, packed into consecutive shards of at most `limit` bytes
     (a tensor larger than `limit` gets a shard of its own), as the hub's checkpoints are split."""
@@ -42,6 +41,7 @@ def shard_groups(sizes: dict[str, int], limit: int) -> list[list[str]]:
         shards[-1].append(name)
         total += n
     return shards
+
 
 def generation_config(canvas_length: int) -> dict:
     """The released checkpoint's sampler settings (landscape.md section 1)."""

@@ -17,6 +17,7 @@ import numpy as np
 from mlx_diffgemma import load, sudoku
 from mlx_diffgemma.loading import resolve
 
+
 def clash_rates(puzzles: np.ndarray, solutions: np.ndarray, filled: np.ndarray) -> dict:
     """unit -> (model clash rate, random-wrong-digit clash rate, wrong blanks counted)."""
     seen = {u: [] for u in sudoku.UNIT_OF}
@@ -27,6 +28,7 @@ def clash_rates(puzzles: np.ndarray, solutions: np.ndarray, filled: np.ndarray) 
                 givens = set(p[(unit == unit[i]) & (p > 0)].tolist())
                 seen[u].append(f[i] in givens)
                 chance[u].append(np.mean([d in givens for d in range(1, 10) if d != s[i]]))
+
     def mean(x):
         return float(np.mean(x)) if x else float("nan")
 
