@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from mlx_diffgemma.files import write_text_atomic
+
 REFERENCE = "transformers"  # speed ratios are against the reference implementation
 
 
@@ -176,14 +178,14 @@ def main(argv=None):
     if len(argv) != 1 or not Path(argv[0]).is_file():
         print("usage: python -m benchmarks.report RESULT.json", file=sys.stderr)
         return 2
-    from .run import add_fractions, write_atomic
+    from .run import add_fractions
 
     path = Path(argv[0])
     result = json.loads(path.read_text())
     add_fractions(result["rows"])  # with this version's FLOP model and peak rule
-    write_atomic(path, json.dumps(result, indent=1))
+    write_text_atomic(path, json.dumps(result, indent=1))
     stem = path.with_suffix("")
-    write_atomic(stem.with_suffix(".md"), markdown(result))
+    write_text_atomic(stem.with_suffix(".md"), markdown(result))
     print("\n".join([str(stem.with_suffix(".md"))] + plots(result, stem)))
     return 0
 

@@ -20,6 +20,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mlx_diffgemma.files import write_text_atomic
+
 from . import machine, report
 from .flops import step_flops
 from .sizes import GPU_PLANS, PLANS, SIZES, SMOKE_PLAN, text_config
@@ -129,12 +131,6 @@ def add_fractions(rows: list[dict]) -> None:
             r["gemm_fraction"] = flops / (r["ms_per_step"] / 1e3) / peak
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,7 +205,7 @@ def main(argv=None) -> int:
     rows = result["rows"]
 
     def save():
-        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
 
     def add(row):
         row = {**{k: None for k in ROW_FIELDS}, **row}  # every row carries every field
@@ -262,7 +258,7 @@ def main(argv=None) -> int:
         for k in ("hf", "ar", "plan", "fast_mode"):
             r.pop(k, None)
     save()
-    write_atomic(stem.with_suffix(".md"), report.markdown(result))
+    write_text_atomic(stem.with_suffix(".md"), report.markdown(result))
     pngs = report.plots(result, stem)
     print(f"wrote {stem.with_suffix('.json')}, {stem.with_suffix('.md')}" + "".join(f", {p}" for p in pngs))
     return 0

@@ -25,6 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from mlx_diffgemma.files import write_text_atomic  # noqa: E402
+
 NO_EOS = 10**9  # an id no model emits
 
 PROMPTS = [
@@ -58,12 +60,6 @@ def summary(rows: list[dict]) -> dict:
 
     return {k: med(k) for k in ("latency_s", "ms_per_step", "first_text_s", "rss_bytes", "active_bytes", "cache_bytes",
                                 "peak_bytes", "threads")}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -120,7 +116,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
+    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=2))
 
     def fmt(k, v):
         if k.endswith("bytes"):
@@ -143,7 +139,7 @@ def main(argv=None):
     for k in first:
         r = ratio[k]
         lines.append(f"| {k} | {fmt(k, first[k])} | {fmt(k, last[k])} | {'' if r is None else f'{r:.3f}'} |")
-    write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

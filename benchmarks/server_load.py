@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import random
 import signal
 import socket
@@ -34,6 +33,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from mlx_diffgemma.files import write_text_atomic
 
 API_KEY = "bench-key"
 KNOBS = {"max_denoising_steps": 3}
@@ -416,10 +417,7 @@ def main(argv=None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=2)), (".md", markdown(result))):
-        final = args.out / f"{args.name}{suffix}"
-        tmp_file = final.with_suffix(suffix + ".tmp")
-        tmp_file.write_text(text)
-        os.replace(tmp_file, final)  # atomic
+        write_text_atomic(args.out / f"{args.name}{suffix}", text)
     print(markdown(result))
     problems = sum(p["problem_count"] for p in result["load"]) + result["soak"]["problem_count"]
     crashed = not all(p["server_alive"] for p in result["load"]) or result["exit_codes"]["load"] != 0

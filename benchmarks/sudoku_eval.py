@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     from benchmarks.machine import record as machine_record
     from mlx_diffgemma import sudoku
     from mlx_diffgemma.fast import MODES
+    from mlx_diffgemma.files import write_text_atomic
     from mlx_diffgemma.loading import LoadError, load
 
     if args.puzzles < 1 or not 17 <= args.givens[0] <= args.givens[1] <= 81:
@@ -136,9 +137,7 @@ def main(argv=None) -> int:
            "puzzle_seed": args.puzzle_seed, "givens": list(args.givens), "seed": args.seed,
            "machine": machine_record(shared=True), "systems": systems}
     out = RESULTS / f"{stem}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, json.dumps(doc, indent=2) + "\n")
 
     names = list(systems)
     lines = [f"# Sudoku solve rate ({len(puzzles)} held-out puzzles, givens {args.givens[0]}-{args.givens[1]}, "
@@ -164,9 +163,7 @@ def main(argv=None) -> int:
     m = doc["machine"]
     lines += ["", f"Command: `{doc['command']}`", f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores. "
               f"{m.get('shared_note') or ''}"]
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out.with_suffix(".md"))
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import machine  # noqa: E402
 from mlx_diffgemma.config import ModelConfig  # noqa: E402
+from mlx_diffgemma.files import write_text_atomic  # noqa: E402
 
 S, F = "sliding_attention", "full_attention"
 # the released checkpoint's text widths (docs: reference-spec.md, section 1.1)
@@ -56,12 +57,6 @@ TINY_WIDTH = dict(
 )
 GIB = 2**30
 GAP = 0.1  # logits: a top-1 lead that bf16 round-off (~0.01-0.05 here) should not overturn
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def sync(device):
@@ -608,8 +603,8 @@ def main(argv=None) -> int:
         result["note"] = "run on the CPU: no GPU numbers were measured here" + (" (tiny widths)" if args.tiny else "")
 
     def save():
-        write_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
-        write_atomic(stem.with_suffix(".md"), markdown(result))
+        write_text_atomic(stem.with_suffix(".json"), json.dumps(result, indent=1))
+        write_text_atomic(stem.with_suffix(".md"), markdown(result))
 
     parts = [
         ("parity", lambda: run_parity(args.device, args.parity_timeout)),

@@ -1,4 +1,4 @@
-"""Atomic writes: a model directory is either wholly the new one or untouched."""
+"""Atomic writes: a model directory or a result file is either wholly the new one or untouched."""
 
 from __future__ import annotations
 
@@ -32,3 +32,16 @@ def atomic_dir(final, tag: str = "writing"):
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a reader (or a
+    crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

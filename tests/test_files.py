@@ -2,7 +2,7 @@
 
 import pytest
 
-from mlx_diffgemma.files import atomic_dir
+from mlx_diffgemma.files import atomic_dir, write_text_atomic
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -24,3 +24,13 @@ def test_atomic_dir_replaces_only_on_success(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert final.stat().st_mode & 0o755 == 0o755
 
+
+def test_write_text_atomic_keeps_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "result.json"
+    write_text_atomic(path, "one")
+    with pytest.raises(TypeError):
+        write_text_atomic(path, None)  # fails while writing the temporary file
+    assert path.read_text() == "one"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left behind
+    write_text_atomic(path, "two")
+    assert path.read_text() == "two"

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import mlx.core as mx  # noqa: E402
 
+from mlx_diffgemma.files import write_text_atomic  # noqa: E402
 from mlx_diffgemma.train import TrainConfig, TrainError, export, train  # noqa: E402
 
 BUNDLED = HERE.parent / "mlx_diffgemma" / "models" / "sudoku"
@@ -89,9 +90,7 @@ def main() -> int:
         if args.budget_s is not None:
             cfg.steps = steps_for_budget(cfg, args.budget_s, started, args.safety)
             if args.steps_file:
-                tmp = Path(args.steps_file).with_suffix(".tmp")
-                tmp.write_text(str(cfg.steps))
-                tmp.replace(args.steps_file)
+                write_text_atomic(args.steps_file, str(cfg.steps))
         if args.steps is not None:
             cfg.steps = args.steps
         cfg.validate(str(config))
