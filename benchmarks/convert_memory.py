@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # it runs as a script, from anywhere
 from benchmarks.checkpoints import shard_groups  # noqa: E402
+from mlx_diffgemma.files import write_text_atomic  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SHARD_BYTES = 2 * 10**9  # source shard size, like the hub's ~2-5 GB shards
@@ -233,7 +234,7 @@ def main():
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(RESULTS / f"{args.name}.json", json.dumps(result, indent=2))
     lines = [
         "# Converter memory benchmark", "",
         f"`{result['command']}` on {result['machine']['platform']} ({result['machine']['cpus']} CPUs, shared "
@@ -249,7 +250,7 @@ def main():
                      f"{'yes' if r['within_bound'] else 'NO'} | {r['seconds']:.1f} | {r['gb_per_s']:.3f} | {r['out_gb'] / r['seconds']:.3f} |")
     lines += ["", "Peak RSS is the conversion process's own `ru_maxrss` (getrusage(RUSAGE_SELF) at its end; Python, MLX and the converter included). "
               "Reads came mostly from the page cache (the checkpoint had just been written)."]
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -23,6 +23,7 @@ from benchmarks.machine import record as machine_record
 from mlx_diffgemma import load
 from mlx_diffgemma import sudoku
 from mlx_diffgemma.fast import MODES, denoise_canvas_fast
+from mlx_diffgemma.files import write_text_atomic
 from mlx_diffgemma.generate import denoise_canvas
 from mlx_diffgemma.sampler import NoiseSource
 
@@ -101,7 +102,7 @@ def write(table, args) -> Path:
     out = RESULTS / f"fast_path-{stamp}.json"
     doc = {"benchmark": "fast_path", "model": args.model, "givens": args.givens, "seed": args.seed,
            "puzzle_seed": args.puzzle_seed, "machine": machine_record(shared=True), "rows": table}
-    out.write_text(json.dumps(doc, indent=2))
+    write_text_atomic(out, json.dumps(doc, indent=2))
     lines = [
         f"# Fast path on the Sudoku model ({table[0]['puzzles']} puzzles, givens {args.givens[0]}-{args.givens[1]})",
         "",
@@ -116,7 +117,7 @@ def write(table, args) -> Path:
             f"{r['wall_time_reduction']}x |"
         )
     lines += ["", f"Machine: {doc['machine'].get('cpu', '?')}; {doc['machine'].get('shared_note') or ''}"]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return out
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_diffgemma import load, sudoku
+from mlx_diffgemma.files import write_text_atomic
 from mlx_diffgemma.loading import resolve
 
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     lines += ["", f"Command: `python -m benchmarks.sudoku_constraints --model {args.model} --puzzles {args.puzzles}`"]
     name = args.out or f"sudoku_constraints-{Path(args.model).name}"
     out = Path(__file__).parent / "results" / f"{name}.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_text_atomic(out, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
