@@ -47,6 +47,8 @@ class FastMode:
     adaptive_canvas: bool = False  # a last canvas no longer than the tokens still wanted
     refresh_every: int | None = None  # with compact: every n-th step runs every row (fresh K/V)
     min_canvas: int = 64
+    settle_frozen: bool = False  # frozen positions count as entropy 0 in the acceptance too
+    bucket_multiple: int | None = None  # pad active sets to multiples of this instead of powers of two
 
     def canvas_length(self, C: int, remaining: int) -> int:
         """Rows of the next canvas: C, or for adaptive canvases the tokens still wanted rounded up to
@@ -88,7 +90,9 @@ def get_mode(mode) -> FastMode:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}") from None
 
 
-def _bucket(n: int, smallest: int, C: int) -> int:
+def _bucket(n: int, smallest: int, C: int, multiple: int | None = None) -> int:
+    if multiple:
+        return min(C, max(smallest, -(-n // multiple) * multiple))
     b = smallest
     while b < n:
         b *= 2
@@ -132,7 +136,7 @@ def denoise_canvas_fast(
         active = np.flatnonzero(~frozen)
         refresh = mode.refresh_every and state.steps % mode.refresh_every == 0
         if mode.compact and kv is not None and not refresh:
-            n = _bucket(len(active), mode.min_bucket, C)
+            n = _bucket(len(active), mode.min_bucket, C, mode.bucket_multiple)
             # pad with frozen rows up to a bucket size so shapes repeat (their K/V get refreshed)
             rows = np.sort(np.concatenate([active, np.flatnonzero(frozen)[: n - len(active)]]))
         else:
@@ -192,7 +196,8 @@ def denoise_canvas_fast(
         # a frozen position can no longer change: in the stop test it counts as settled, where its
         # entropy from the step that froze it (up to freeze_entropy, 10x the reference's confidence
         # threshold) would hold the mean above the threshold long after the canvas is done
-        result = state.step(argmax.copy(), sample, entropy, stop_entropy=np.where(frozen, 0.0, entropy))
+        settled = np.where(frozen, np.float32(0), entropy)
+        result = state.step(argmax.copy(), sample, settled if mode.settle_frozen else entropy, stop_entropy=settled)
         if mode.freeze_entropy is not None:
             newly = result.accepted[0] & (entropy[0] < mode.freeze_entropy) & ~frozen
             frozen |= newly

@@ -93,3 +93,38 @@ def test_adaptive_canvas_shrinks_the_last_canvas(gemma_checkpoint):
     assert mode.canvas_length(32, 100) == 32 and mode.canvas_length(32, 1) == 8
     ref = list(stream_generate(model, tok, [2, 4, 40, 5], max_tokens=44, **kw))[-1]
     assert len(ref.token_ids) == 64  # the reference always denoises whole canvases
+
+
+def test_bucket_sizes():
+    from mlx_diffgemma.fast import _bucket
+
+    assert [_bucket(n, 4, 81) for n in (1, 4, 5, 9, 33, 64, 65)] == [4, 4, 8, 16, 64, 64, 81]
+    assert [_bucket(n, 4, 81, multiple=8) for n in (1, 5, 9, 33, 80, 81)] == [8, 8, 16, 40, 80, 81]
+
+
+@pytest.mark.parametrize("settle", [False, True])
+def test_settle_frozen_zeroes_frozen_entropy_in_the_acceptance(sharp, monkeypatch, settle):
+    import mlx_diffgemma.fast as fast
+
+    seen = []  # (entropy given to the acceptance, stop_entropy) per step
+
+    class Spy(fast.BlockSampler):
+        def step(self, argmax, sample, entropy, stop_entropy=None):
+            seen.append((entropy.copy(), stop_entropy.copy()))
+            return super().step(argmax, sample, entropy, stop_entropy=stop_entropy)
+
+    monkeypatch.setattr(fast, "BlockSampler", Spy)
+    model, tok = sharp
+    mode = replace(MODES["freeze"], name="f", settle_frozen=settle)
+    kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
+    list(stream_generate(model, tok, [2, 4, 40, 41, 5], mode=mode, **kw))
+    assert any((stop == 0).any() for _, stop in seen), "no step had frozen positions"
+    for entropy, stop in seen:
+        if settle:
+            np.testing.assert_array_equal(entropy, stop)
+        else:
+            live = stop != 0
+            np.testing.assert_array_equal(entropy[live], stop[live])
+    if not settle:
+        # without settling, some frozen position enters the acceptance with its last entropy
+        assert any((e[s == 0] > 0).any() for e, s in seen)
