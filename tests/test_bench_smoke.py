@@ -127,3 +127,26 @@ def test_sudoku_eval_names_an_unknown_mode(capsys):
     assert sudoku_eval.main(["--puzzles", "1", "--modes", "warp"]) == 2
     err = capsys.readouterr().err
     assert "unknown mode 'warp'" in err and "turbo" in err
+
+
+def test_step_cost_fits_a_line_through_its_measurements(tmp_path, monkeypatch):
+    from benchmarks import step_cost
+
+    monkeypatch.setattr(step_cost, "RESULTS", tmp_path)
+    assert step_cost.main(["--rows", "4,full", "--reps", "1", "--rounds", "1", "--out", "cost"]) == 0
+    doc = json.loads((tmp_path / "cost.json").read_text())
+    assert [r["rows"] for r in doc["rows"]] == [4, 81]
+    for r in doc["rows"]:
+        assert r["trunk_ms"] > 0 and r["partial_trunk_ms"] > 0 and r["head_ms"] > 0
+    fixed, per_row = doc["fit_fixed_ms_per_row_ms"]["trunk_ms"]
+    # two points: the line passes through both
+    assert math.isclose(fixed + per_row * 4, doc["rows"][0]["trunk_ms"], abs_tol=2e-3)
+    assert "ms per row" in (tmp_path / "cost.md").read_text()
+
+
+def test_step_cost_names_bad_rows(capsys):
+    from benchmarks import step_cost
+
+    assert step_cost.main(["--rows", "4,x"]) == 2
+    assert "--rows '4,x'" in capsys.readouterr().err
+    assert step_cost.main(["--rows", "500,full"]) == 2
