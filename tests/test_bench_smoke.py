@@ -150,3 +150,29 @@ def test_step_cost_names_bad_rows(capsys):
     assert step_cost.main(["--rows", "4,x"]) == 2
     assert "--rows '4,x'" in capsys.readouterr().err
     assert step_cost.main(["--rows", "500,full"]) == 2
+
+
+def test_sudoku_sweep_pairs_each_setting_with_the_default(tmp_path, monkeypatch):
+    from benchmarks import sudoku_sweep
+
+    monkeypatch.setattr(sudoku_sweep, "RESULTS", tmp_path)
+    assert sudoku_sweep.main(["t_max=1.0,t_min=0.6", "--puzzles", "3", "--givens", "45", "50", "--batch", "3",
+                              "--out", "sweep"]) == 0
+    doc = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["setting"] for r in doc["rows"]] == ["model default", {"t_max": 1.0, "t_min": 0.6}]
+    assert doc["rows"][0]["solved_minus_default"] == 0.0
+    assert "t_max=1.0, t_min=0.6" in (tmp_path / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["temperature=1"], "'temperature=1' is not KNOB=VALUE"),
+    (["t_max=hot"], "t_max needs a float, got 'hot'"),
+    (["t_max=0.3,t_min=0.5"], "need 0 <= t_min < t_max"),
+    (["--puzzle-seed", "20261127"], "is the held-out set"),
+])
+def test_sudoku_sweep_bad_input_is_one_line(capsys, argv, culprit):
+    from benchmarks import sudoku_sweep
+
+    assert sudoku_sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.count("\n") == 1
