@@ -28,7 +28,7 @@ The config file (YAML or JSON):
     objective: diffusion          # or autoregressive
     init_from: null               # a checkpoint directory to fine-tune, or null with `model:` below
     model: {canvas_length: 81, text_config: {...}}   # a fresh network (DiffusionGemma config)
-    generation: {...}             # generation_config.json of the saved checkpoints
+    generation: {...}             # generation_config.json of the checkpoints, applied again on export
     steps: 3000
     batch_size: 64
     learning_rate: 1.0e-3
@@ -364,10 +364,7 @@ def save_model_dir(out: Path, model, config_json: dict, gen: GenerationConfig, t
     weights = fused_weights(model)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-    g = asdict(gen)
-    g["sampler_config"] = {"entropy_bound": gen.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"}
-    g["bos_token_id"] = model.config.bos_token_id
-    (out / "generation_config.json").write_text(json.dumps(g, indent=2) + "\n")
+    (out / "generation_config.json").write_text(generation_json(gen, model.config.bos_token_id))
     if tokenizer_src is not None:
         for f in Path(tokenizer_src).iterdir():
             if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
@@ -507,12 +504,26 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
     return last
 
 
-def export(checkpoint: Path, out: Path) -> None:
-    """Copy the loadable part of a checkpoint (no optimizer state) to `out`, atomically."""
+def generation_json(gen: GenerationConfig, bos_token_id) -> str:
+    """generation_config.json as transformers writes it (the entropy bound also under sampler_config)."""
+    g = asdict(gen)
+    g["sampler_config"] = {"entropy_bound": gen.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"}
+    g["bos_token_id"] = bos_token_id
+    return json.dumps(g, indent=2) + "\n"
+
+
+def export(checkpoint: Path, out: Path, generation: dict | None = None) -> None:
+    """Copy the loadable part of a checkpoint (no optimizer state) to `out`, atomically.
+    `generation` (the config's `generation:` section) is applied to its generation_config.json, so
+    sampler settings chosen after training (they do not change the weights) reach the export."""
     with atomic_dir(out) as tmp:
         for f in Path(checkpoint).iterdir():
             if f.is_file() and f.name not in ("optimizer.safetensors", "trainer_state.json"):
                 shutil.copy(f, tmp / f.name)
+        if generation:
+            saved = json.loads((tmp / "generation_config.json").read_text())
+            gen = GenerationConfig.from_dict(saved).override(**generation)
+            (tmp / "generation_config.json").write_text(generation_json(gen, saved.get("bos_token_id")))
         state = Path(checkpoint) / "trainer_state.json"
         if state.exists():  # how the model was trained (steps, batch, seed...), for the record
             shutil.copy(state, tmp / "training.json")
@@ -536,7 +547,7 @@ def main(argv=None) -> int:
             cfg.validate(args.config)
         last = train(cfg, progress=not args.no_progress, stop_at=args.stop_at)
         if args.export:
-            export(last, Path(args.export))
+            export(last, Path(args.export), cfg.generation)
             print(f"exported {last} -> {args.export}")
         else:
             print(last)

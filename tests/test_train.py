@@ -147,3 +147,23 @@ def test_bad_configs_name_the_culprit(tmp_path, capsys):
     assert main(["--config", str(bad)]) == 2
     assert "text_config" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_export_applies_sampler_settings_chosen_after_training(tmp_path):
+    from mlx_diffgemma.train import export
+
+    last = train(tiny(tmp_path, steps=2), progress=False, log=lambda *_: None)
+    export(last, tmp_path / "plain")
+    export(last, tmp_path / "tuned", {"max_new_tokens": 81, "t_max": 1.2, "t_min": 0.8})
+    plain, _ = load(tmp_path / "plain")
+    tuned, _ = load(tmp_path / "tuned")
+    assert (plain.generation_config.t_max, plain.generation_config.t_min) == (0.8, 0.4)
+    assert (tuned.generation_config.t_max, tuned.generation_config.t_min) == (1.2, 0.8)
+    assert tuned.generation_config.eos_token_id == plain.generation_config.eos_token_id
+    saved = json.loads((tmp_path / "tuned" / "generation_config.json").read_text())
+    assert saved["sampler_config"]["entropy_bound"] == saved["entropy_bound"] and "bos_token_id" in saved
+    assert (tmp_path / "tuned" / "model.safetensors").read_bytes() == (last / "model.safetensors").read_bytes()
+    assert not (tmp_path / "tuned" / "optimizer.safetensors").exists()
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        export(last, tmp_path / "bad", {"t_max": 0.3, "t_min": 0.5})
+    assert not (tmp_path / "bad").exists()  # a failed export leaves nothing behind

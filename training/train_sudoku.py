@@ -103,7 +103,7 @@ def main() -> int:
         return 2
     if not args.no_export:
         dest = Path(args.export) if args.export else (BASELINE if args.baseline else BUNDLED)
-        export(last, dest)
+        export(last, dest, cfg.generation)
         print(f"exported {last} -> {dest}")
     return 0
 
