@@ -20,6 +20,10 @@ position every step; these modes stop paying for positions that are already deci
   and confident, ignoring the padded tail;
 - adaptive canvas (`adaptive_canvas`): when fewer tokens are wanted than a canvas holds, the canvas
   shrinks to them (at least `min_canvas` rows), instead of denoising a whole canvas to throw away.
+
+Two knobs no named mode turns on (measured in docs/fast_path.md, not worth it on the Sudoku model):
+`settle_frozen` (frozen positions count as entropy 0 in the acceptance too, not only in the stop
+test) and `bucket_multiple` (finer active-set buckets).
 """
 
 from __future__ import annotations
