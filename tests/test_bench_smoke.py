@@ -176,3 +176,20 @@ def test_sudoku_sweep_bad_input_is_one_line(capsys, argv, culprit):
     assert sudoku_sweep.main(argv) == 2
     err = capsys.readouterr().err
     assert culprit in err and err.count("\n") == 1
+
+
+def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatch):
+    from benchmarks import fast_path
+
+    monkeypatch.setattr(fast_path, "RESULTS", tmp_path)
+    fast_path.main(["--puzzles", "2", "--givens", "45", "50", "--modes", "compact"])
+    files = sorted(tmp_path.glob("fast_path-*.json"))
+    assert len(files) == 1
+    rows = {r["mode"]: r for r in json.loads(files[0].read_text())["rows"]}
+    assert list(rows) == ["reference", "compact"]  # the reference is always added, first
+    ref, compact = rows["reference"], rows["compact"]
+    assert ref["row_pass_reduction"] == 1.0 and ref["accuracy_minus_reference"] == 0.0
+    assert ref["row_passes_per_token"] == ref["mean_steps"]  # a full canvas of 81 rows commits 81 digits
+    assert compact["row_passes_per_token"] < compact["mean_steps"]  # frozen rows left the trunk
+    assert compact["ms_per_token"] > 0 and compact["puzzles"] == 2
+    assert "| compact |" in files[0].with_suffix(".md").read_text()
