@@ -21,9 +21,10 @@ position every step; these modes stop paying for positions that are already deci
 - adaptive canvas (`adaptive_canvas`): when fewer tokens are wanted than a canvas holds, the canvas
   shrinks to them (at least `min_canvas` rows), instead of denoising a whole canvas to throw away.
 
-Two knobs no named mode turns on (measured in docs/fast_path.md, not worth it on the Sudoku model):
-`settle_frozen` (frozen positions count as entropy 0 in the acceptance too, not only in the stop
-test) and `bucket_multiple` (finer active-set buckets).
+Knobs no named mode turns on (measured in docs/fast_path.md; none reaches the gate on the Sudoku
+model): `settle_frozen` (frozen positions count as entropy 0 in the acceptance too, not only in the
+stop test), `rescore_frozen` (frozen rows the trunk ran also get the head, so their entropy is
+current; their tokens stay frozen) and `bucket_multiple` (finer active-set buckets).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class FastMode:
     min_canvas: int = 64
     settle_frozen: bool = False  # frozen positions count as entropy 0 in the acceptance too
     bucket_multiple: int | None = None  # pad active sets to multiples of this instead of powers of two
+    rescore_frozen: bool = False  # frozen rows the trunk ran this step also get the head: a current entropy
 
     def canvas_length(self, C: int, remaining: int) -> int:
         """Rows of the next canvas: C, or for adaptive canvases the tokens still wanted rounded up to
@@ -169,11 +171,13 @@ def denoise_canvas_fast(
         else:
             h = model.denoise_hidden(x, cache, soft_rows)
 
-        # the head and the sampler only for rows that are still active
-        pos_in_rows = np.searchsorted(rows, active)
+        # the head and the sampler only for rows that are still active (with rescore_frozen, also for
+        # frozen rows the trunk just ran: their entropy and self-conditioning stay current)
+        scored = rows if mode.rescore_frozen else active
+        pos_in_rows = np.searchsorted(rows, scored)
         h_active = h[:, mx.array(pos_in_rows)]
         T = state.temperature()
-        u = mx.array(state.uniforms()[:, active])
+        u = mx.array(state.uniforms()[:, scored])
         if mode.top_k:
             # fused epilogue on the raw head output: no fp32 [rows, vocab] temporaries
             raw = model.embed_tokens.as_linear(h_active)[0]
@@ -189,13 +193,14 @@ def denoise_canvas_fast(
             new_soft = model.soft_embeds(z)
         if soft is None:
             soft = mx.zeros((1, C, new_soft.shape[-1]), dtype=new_soft.dtype)
-        soft = _scatter_rows(soft, mx.array(active), new_soft, axis=1)
+        soft = _scatter_rows(soft, mx.array(scored), new_soft, axis=1)
         to_eval = [am, ent, smp, soft] + ([a for pair in kv for a in pair] if kv is not None else [])
         mx.eval(*to_eval)
 
-        argmax[:, active] = np.array(am)
-        entropy[:, active] = np.array(ent)
-        sample[:, active] = np.array(smp)
+        live = ~frozen[scored]  # a frozen row keeps its token; only its entropy is refreshed
+        argmax[:, scored[live]] = np.array(am)[:, live]
+        entropy[:, scored] = np.array(ent)
+        sample[:, scored[live]] = np.array(smp)[:, live]
         sample[:, frozen] = argmax[:, frozen]
         # a frozen position can no longer change: in the stop test it counts as settled, where its
         # entropy from the step that froze it (up to freeze_entropy, 10x the reference's confidence

@@ -128,3 +128,29 @@ def test_settle_frozen_zeroes_frozen_entropy_in_the_acceptance(sharp, monkeypatc
     if not settle:
         # without settling, some frozen position enters the acceptance with its last entropy
         assert any((e[s == 0] > 0).any() for e, s in seen)
+
+
+@pytest.mark.parametrize("rescore", [False, True])
+def test_rescore_frozen_refreshes_entropy_not_tokens(sharp, monkeypatch, rescore):
+    import mlx_diffgemma.fast as fast
+
+    seen = []  # (block, argmax, entropy given to the acceptance, stop_entropy) per step
+
+    class Spy(fast.BlockSampler):
+        def step(self, argmax, sample, entropy, stop_entropy=None):
+            seen.append((self.block, argmax.copy(), entropy.copy(), stop_entropy.copy()))
+            return super().step(argmax, sample, entropy, stop_entropy=stop_entropy)
+
+    monkeypatch.setattr(fast, "BlockSampler", Spy)
+    model, tok = sharp
+    mode = replace(MODES["freeze"], name="f", rescore_frozen=rescore)
+    kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
+    list(stream_generate(model, tok, [2, 4, 40, 41, 5], mode=mode, **kw))
+    changed = 0
+    for (b0, a0, e0, s0), (b1, a1, e1, _) in zip(seen, seen[1:]):
+        if b0 != b1:
+            continue  # a new canvas
+        kept = s0 == 0  # frozen before the later step
+        np.testing.assert_array_equal(a1[kept], a0[kept])  # frozen tokens never change
+        changed += int((e1[kept] != e0[kept]).sum())
+    assert (changed > 0) == rescore  # only rescoring gives frozen rows a new entropy
