@@ -175,12 +175,12 @@ def denoise_canvas_fast(
         # frozen rows the trunk just ran: their entropy and self-conditioning stay current)
         scored = rows if mode.rescore_frozen else active
         pos_in_rows = np.searchsorted(rows, scored)
-        h_active = h[:, mx.array(pos_in_rows)]
+        h_scored = h[:, mx.array(pos_in_rows)]
         T = state.temperature()
         u = mx.array(state.uniforms()[:, scored])
         if mode.top_k:
             # fused epilogue on the raw head output: no fp32 [rows, vocab] temporaries
-            raw = model.embed_tokens.as_linear(h_active)[0]
+            raw = model.embed_tokens.as_linear(h_scored)[0]
             am, ent, _, smp, top_ids, top_vals = lm_head_epilogue(
                 raw, model.config.final_logit_softcapping, T, u[0], mode.top_k
             )
@@ -189,7 +189,7 @@ def denoise_canvas_fast(
             emb = model.embed_tokens(top_ids)  # [A, k, H]
             new_soft = ((top_p.astype(emb.dtype)[..., None] * emb).sum(axis=-2) * model.embed_scale)[None]
         else:
-            z, am, ent, smp = head_statistics(model.logits(h_active), T, u)
+            z, am, ent, smp = head_statistics(model.logits(h_scored), T, u)
             new_soft = model.soft_embeds(z)
         if soft is None:
             soft = mx.zeros((1, C, new_soft.shape[-1]), dtype=new_soft.dtype)
