@@ -102,39 +102,12 @@ def test_bucket_sizes():
     assert [_bucket(n, 4, 81, multiple=8) for n in (1, 5, 9, 33, 80, 81)] == [8, 8, 16, 40, 80, 81]
 
 
-@pytest.mark.parametrize("settle", [False, True])
-def test_settle_frozen_zeroes_frozen_entropy_in_the_acceptance(sharp, monkeypatch, settle):
+def sampler_calls(monkeypatch, model, tok, mode) -> list[tuple]:
+    """Run a short generation under `mode`; return what the fast loop handed the sampler at each
+    step: (block, argmax, entropy for the acceptance, stop_entropy)."""
     import mlx_diffgemma.fast as fast
 
-    seen = []  # (entropy given to the acceptance, stop_entropy) per step
-
-    class Spy(fast.BlockSampler):
-        def step(self, argmax, sample, entropy, stop_entropy=None):
-            seen.append((entropy.copy(), stop_entropy.copy()))
-            return super().step(argmax, sample, entropy, stop_entropy=stop_entropy)
-
-    monkeypatch.setattr(fast, "BlockSampler", Spy)
-    model, tok = sharp
-    mode = replace(MODES["freeze"], name="f", settle_frozen=settle)
-    kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
-    list(stream_generate(model, tok, [2, 4, 40, 41, 5], mode=mode, **kw))
-    assert any((stop == 0).any() for _, stop in seen), "no step had frozen positions"
-    for entropy, stop in seen:
-        if settle:
-            np.testing.assert_array_equal(entropy, stop)
-        else:
-            live = stop != 0
-            np.testing.assert_array_equal(entropy[live], stop[live])
-    if not settle:
-        # without settling, some frozen position enters the acceptance with its last entropy
-        assert any((e[s == 0] > 0).any() for e, s in seen)
-
-
-@pytest.mark.parametrize("rescore", [False, True])
-def test_rescore_frozen_refreshes_entropy_not_tokens(sharp, monkeypatch, rescore):
-    import mlx_diffgemma.fast as fast
-
-    seen = []  # (block, argmax, entropy given to the acceptance, stop_entropy) per step
+    seen = []
 
     class Spy(fast.BlockSampler):
         def step(self, argmax, sample, entropy, stop_entropy=None):
@@ -142,10 +115,29 @@ def test_rescore_frozen_refreshes_entropy_not_tokens(sharp, monkeypatch, rescore
             return super().step(argmax, sample, entropy, stop_entropy=stop_entropy)
 
     monkeypatch.setattr(fast, "BlockSampler", Spy)
-    model, tok = sharp
-    mode = replace(MODES["freeze"], name="f", rescore_frozen=rescore)
     kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
     list(stream_generate(model, tok, [2, 4, 40, 41, 5], mode=mode, **kw))
+    return seen
+
+
+@pytest.mark.parametrize("settle", [False, True])
+def test_settle_frozen_zeroes_frozen_entropy_in_the_acceptance(sharp, monkeypatch, settle):
+    seen = sampler_calls(monkeypatch, *sharp, replace(MODES["freeze"], name="f", settle_frozen=settle))
+    assert any((stop == 0).any() for *_, stop in seen), "no step had frozen positions"
+    for _, _, entropy, stop in seen:
+        if settle:
+            np.testing.assert_array_equal(entropy, stop)
+        else:
+            live = stop != 0
+            np.testing.assert_array_equal(entropy[live], stop[live])
+    if not settle:
+        # without settling, some frozen position enters the acceptance with its last entropy
+        assert any((e[s == 0] > 0).any() for _, _, e, s in seen)
+
+
+@pytest.mark.parametrize("rescore", [False, True])
+def test_rescore_frozen_refreshes_entropy_not_tokens(sharp, monkeypatch, rescore):
+    seen = sampler_calls(monkeypatch, *sharp, replace(MODES["freeze"], name="f", rescore_frozen=rescore))
     changed = 0
     for (b0, a0, e0, s0), (b1, a1, e1, _) in zip(seen, seen[1:]):
         if b0 != b1:
