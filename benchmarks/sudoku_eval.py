@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--steps", type=int, default=None, help="override max_denoising_steps")
     p.add_argument("--entropy-bound", type=float, default=None, help="override entropy_bound")
+    p.add_argument("--t-max", type=float, default=None, help="override t_max (the first step's temperature)")
+    p.add_argument("--t-min", type=float, default=None, help="override t_min")
     p.add_argument("--modes", default="", help="also solve with these fast modes, comma-separated "
                    "(mlx_diffgemma.fast.MODES; one puzzle at a time, puzzle i with seed + i)")
     p.add_argument("--out", default=None, help="result file stem (default: sudoku_eval-<stamp>)")
@@ -104,16 +106,21 @@ def main(argv=None) -> int:
     puzzles, _ = sudoku.puzzle_set(args.puzzle_seed, args.puzzles, tuple(args.givens))
     print(f"{len(puzzles)} held-out puzzles in {time.perf_counter() - tic:.1f}s", file=sys.stderr)
 
-    overrides = {k: v for k, v in (("max_denoising_steps", args.steps), ("entropy_bound", args.entropy_bound))
-                 if v is not None}
+    overrides = {k: v for k, v in (("max_denoising_steps", args.steps), ("entropy_bound", args.entropy_bound),
+                                   ("t_max", args.t_max), ("t_min", args.t_min)) if v is not None}
     systems = {}
     try:
         model, _ = load(args.diffusion)
         gen = model.generation_config.override(**overrides)
+    except (LoadError, ValueError) as e:  # a bad checkpoint, or a bad sampler override
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         tic = time.perf_counter()
         grids = solve_diffusion(model, puzzles, args.seed, args.batch, **overrides)
         systems["diffusion"] = {"model": args.diffusion, "sampler": "reference",
                                 "max_denoising_steps": gen.max_denoising_steps, "entropy_bound": gen.entropy_bound,
+                                "t_max": gen.t_max, "t_min": gen.t_min,
                                 **summarize(puzzles, grids, time.perf_counter() - tic)}
         gen_fast = gen.override(max_new_tokens=sudoku.CELLS)
         for mode in modes:
@@ -157,8 +164,8 @@ def main(argv=None) -> int:
     lines += ["", "| system | model | sampler | blank cells right | seconds |", "|---|---|---|---|---|"]
     for n in names:
         s = systems[n]
-        sampler = s["sampler"] + (f" ({s['max_denoising_steps']} steps, entropy bound {s['entropy_bound']})"
-                                  if n == "diffusion" else "")
+        sampler = s["sampler"] + (f" ({s['max_denoising_steps']} steps, entropy bound {s['entropy_bound']}, "
+                                  f"t {s['t_max']} to {s['t_min']})" if n == "diffusion" else "")
         lines.append(f"| {n} | {s['model']} | {sampler} | {s['blank_cells_right']:.3f} | {s['seconds']} |")
     m = doc["machine"]
     lines += ["", f"Command: `{doc['command']}`", f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores. "

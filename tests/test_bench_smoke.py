@@ -193,3 +193,18 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert compact["row_passes_per_token"] < compact["mean_steps"]  # frozen rows left the trunk
     assert compact["ms_per_token"] > 0 and compact["puzzles"] == 2
     assert "| compact |" in files[0].with_suffix(".md").read_text()
+
+
+def test_sudoku_eval_takes_sampler_overrides(tmp_path, monkeypatch, capsys):
+    from benchmarks import sudoku_eval
+
+    monkeypatch.setattr(sudoku_eval, "RESULTS", tmp_path)
+    assert sudoku_eval.main(["--puzzles", "2", "--givens", "45", "50", "--batch", "2", "--t-max", "1.0",
+                             "--t-min", "0.6", "--out", "hot"]) == 0
+    ref = json.loads((tmp_path / "hot.json").read_text())["systems"]["diffusion"]
+    assert (ref["t_max"], ref["t_min"]) == (1.0, 0.6)
+    assert "t 1.0 to 0.6" in (tmp_path / "hot.md").read_text()
+    capsys.readouterr()
+    assert sudoku_eval.main(["--puzzles", "1", "--t-max", "0.3"]) == 2  # t_max below the default t_min
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert errors == ["error: need 0 <= t_min < t_max, got t_min=0.4, t_max=0.3"]
