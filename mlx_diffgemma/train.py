@@ -241,12 +241,11 @@ def build(cfg: TrainConfig) -> tuple[DiffusionGemma, dict, GenerationConfig, Pat
             raise TrainError(f"init_from: {e}") from None
         raw = dict(model.config.raw)
         raw.pop("quantization", None)
-        gen = model.generation_config.override(**cfg.generation)
-        return model, raw, gen, src
+        return model, raw, with_generation(model.generation_config, cfg.generation), src
     raw = {"model_type": "diffusion_gemma", "architectures": ["DiffusionGemmaForBlockDiffusion"], **cfg.model}
     try:
         config = ModelConfig.from_dict(raw, source="model")
-        gen = GenerationConfig().override(**cfg.generation)
+        gen = with_generation(GenerationConfig(), cfg.generation)
     except (ConfigError, TypeError, ValueError) as e:
         raise TrainError(str(e)) from None
     mx.random.seed(cfg.seed)
@@ -504,6 +503,14 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
     return last
 
 
+def with_generation(base: GenerationConfig, section: dict) -> GenerationConfig:
+    """`base` with the config's `generation:` section applied; a bad section is a TrainError."""
+    try:
+        return base.override(**section)
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"generation: {e}") from None
+
+
 def generation_json(gen: GenerationConfig, bos_token_id) -> str:
     """generation_config.json as transformers writes it (the entropy bound also under sampler_config)."""
     g = asdict(gen)
@@ -522,7 +529,7 @@ def export(checkpoint: Path, out: Path, generation: dict | None = None) -> None:
                 shutil.copy(f, tmp / f.name)
         if generation:
             saved = json.loads((tmp / "generation_config.json").read_text())
-            gen = GenerationConfig.from_dict(saved).override(**generation)
+            gen = with_generation(GenerationConfig.from_dict(saved), generation)
             (tmp / "generation_config.json").write_text(generation_json(gen, saved.get("bos_token_id")))
         state = Path(checkpoint) / "trainer_state.json"
         if state.exists():  # how the model was trained (steps, batch, seed...), for the record

@@ -164,6 +164,20 @@ def test_export_applies_sampler_settings_chosen_after_training(tmp_path):
     assert saved["sampler_config"]["entropy_bound"] == saved["entropy_bound"] and "bos_token_id" in saved
     assert (tmp_path / "tuned" / "model.safetensors").read_bytes() == (last / "model.safetensors").read_bytes()
     assert not (tmp_path / "tuned" / "optimizer.safetensors").exists()
-    with pytest.raises(ValueError, match="t_min < t_max"):
+    with pytest.raises(TrainError, match="generation: need 0 <= t_min < t_max"):
         export(last, tmp_path / "bad", {"t_max": 0.3, "t_min": 0.5})
     assert not (tmp_path / "bad").exists()  # a failed export leaves nothing behind
+
+
+def test_bad_generation_section_on_a_checkpoint_is_one_line(tmp_path, capsys):
+    # the generation section may be edited after training (sampler settings do not change the
+    # weights): a bad one is a one-line error, with init_from as with a fresh model
+    last = train(tiny(tmp_path, steps=2), progress=False, log=lambda *_: None)
+    for source in (f"init_from: {last}", "model: " + json.dumps(TINY_MODEL)):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(f"out_dir: {tmp_path / 'ft'}\n{source}\nsteps: 1\nbatch_size: 2\ncompile: false\n"
+                       "generation: {t_max: 0.3, t_min: 0.5}\n")
+        assert main(["--config", str(bad), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [err.strip()] and "generation: need 0 <= t_min < t_max" in err
+        assert not (tmp_path / "ft").exists()

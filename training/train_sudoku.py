@@ -98,13 +98,13 @@ def main() -> int:
         tic = time.perf_counter()
         last = train(cfg, progress=sys.stderr.isatty(), stop_at=args.stop_at, deadline=args.deadline)
         print(f"trained in {time.perf_counter() - tic:.0f} s -> {last}", flush=True)
+        if not args.no_export:
+            dest = Path(args.export) if args.export else (BASELINE if args.baseline else BUNDLED)
+            export(last, dest, cfg.generation)
+            print(f"exported {last} -> {dest}")
     except TrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.no_export:
-        dest = Path(args.export) if args.export else (BASELINE if args.baseline else BUNDLED)
-        export(last, dest, cfg.generation)
-        print(f"exported {last} -> {dest}")
     return 0
 
 
