@@ -43,8 +43,10 @@ def measure(model, rows: list[int], reps: int, rounds: int, seed: int = 0) -> li
     C = model.config.canvas_length
     rng = np.random.default_rng(seed)
     cache = model.make_cache()
-    prompt = sudoku.prompt_ids(sudoku.puzzle_set(seed, 1, (30, 30))[0][0]) if C == sudoku.CELLS else None
-    ids = prompt if prompt is not None else rng.integers(0, model.config.vocab_size, 32).tolist()
+    if C == sudoku.CELLS:  # a Sudoku model gets a real puzzle as its prompt
+        ids = sudoku.prompt_ids(sudoku.puzzle_set(seed, 1, (30, 30))[0][0])
+    else:
+        ids = rng.integers(0, model.config.vocab_size, 32).tolist()
     model.encode(mx.array([ids]), cache)
     mx.eval(cache.state())
     canvas = mx.array(rng.integers(0, model.config.vocab_size, (1, C)))
