@@ -197,14 +197,17 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
 
 def test_sudoku_eval_takes_sampler_overrides(tmp_path, monkeypatch, capsys):
     from benchmarks import sudoku_eval
+    from mlx_diffgemma.loading import resolve
 
+    bundled = json.loads((resolve("sudoku") / "generation_config.json").read_text())
+    assert (bundled["t_max"], bundled["t_min"]) != (1.2, 0.5)  # so the override below shows
     monkeypatch.setattr(sudoku_eval, "RESULTS", tmp_path)
-    assert sudoku_eval.main(["--puzzles", "2", "--givens", "45", "50", "--batch", "2", "--t-max", "1.0",
-                             "--t-min", "0.6", "--out", "hot"]) == 0
+    assert sudoku_eval.main(["--puzzles", "2", "--givens", "45", "50", "--batch", "2", "--t-max", "1.2",
+                             "--t-min", "0.5", "--out", "hot"]) == 0
     ref = json.loads((tmp_path / "hot.json").read_text())["systems"]["diffusion"]
-    assert (ref["t_max"], ref["t_min"]) == (1.0, 0.6)
-    assert "t 1.0 to 0.6" in (tmp_path / "hot.md").read_text()
+    assert (ref["t_max"], ref["t_min"]) == (1.2, 0.5)
+    assert "t 1.2 to 0.5" in (tmp_path / "hot.md").read_text()
     capsys.readouterr()
-    assert sudoku_eval.main(["--puzzles", "1", "--t-max", "0.3"]) == 2  # t_max below the default t_min
+    assert sudoku_eval.main(["--puzzles", "1", "--t-max", "0.3"]) == 2  # t_max below the model's t_min
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
-    assert errors == ["error: need 0 <= t_min < t_max, got t_min=0.4, t_max=0.3"]
+    assert errors == [f"error: need 0 <= t_min < t_max, got t_min={bundled['t_min']}, t_max=0.3"]

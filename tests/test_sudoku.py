@@ -103,17 +103,20 @@ def test_bundled_model_is_small_and_shaped_like_diffusiongemma(bundled):
 
 
 def test_bundled_model_solves_easy_puzzles(bundled):
-    """Measured, not hard-coded: on fresh easy puzzles the model must keep the givens and fill the
-    blanks far better than chance (1/9). (The bundled checkpoint measured kept 1.00, blanks right
-    0.50 here; it does not yet solve whole grids, see docs/sudoku.md.)"""
+    """Measured, not hard-coded: on fresh easy puzzles the model must keep the givens, fill the
+    blanks far better than chance (1/9) and solve most grids. (The bundled stage-6 checkpoint
+    measured kept 1.00, blanks right 1.00 and 8 of 8 solved here; docs/sudoku.md has the rates
+    on harder puzzles.)"""
     model, _ = bundled
     puzzles, solutions = sudoku.puzzle_set(99, 8, (50, 55))
     digits = sudoku.solve_batch(model, puzzles, seed=0)
     blank = puzzles == 0
     kept = (digits[~blank] == puzzles[~blank]).mean()
     right = (digits[blank] == solutions[blank]).mean()
+    solved = sum(sudoku.is_solution(p, d) for p, d in zip(puzzles, digits))
     assert kept > 0.95, kept
-    assert right > 0.3, right
+    assert right > 0.8, right
+    assert solved >= 4, solved
 
 
 def test_example_prints_the_grid_and_the_digits_last():
