@@ -13,9 +13,12 @@ TRAINING = Path(__file__).resolve().parents[1] / "training"
 FIRST = {"diffusion": "sudoku.yaml", "autoregressive": "sudoku_autoregressive.yaml"}
 
 
+def stage_number(path: Path) -> int:
+    return int(re.search(r"stage(\d+)", path.name).group(1))
+
+
 def stages(objective: str) -> list[Path]:
-    later = sorted(TRAINING.glob(f"sudoku_stage*_{objective}.yaml"),
-                   key=lambda p: int(re.search(r"stage(\d+)", p.name).group(1)))
+    later = sorted(TRAINING.glob(f"sudoku_stage*_{objective}.yaml"), key=stage_number)
     return [TRAINING / FIRST[objective], *later]
 
 
@@ -32,8 +35,7 @@ def test_every_config_parses(path):
 @pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
 def test_each_stage_starts_from_the_previous_stages_end(objective):
     chain = stages(objective)
-    numbers = [int(re.search(r"stage(\d+)", p.name).group(1)) for p in chain[1:]]
-    assert numbers == list(range(2, len(chain) + 1)), "stage numbers have a gap"
+    assert [stage_number(p) for p in chain[1:]] == list(range(2, len(chain) + 1)), "stage numbers have a gap"
     for before, after in zip(chain, chain[1:]):
         prev, cfg = TrainConfig.from_file(before), TrainConfig.from_file(after)
         assert cfg.objective == prev.objective == objective
