@@ -522,7 +522,8 @@ def generation_json(gen: GenerationConfig, bos_token_id) -> str:
 def export(checkpoint: Path, out: Path, generation: dict | None = None) -> None:
     """Copy the loadable part of a checkpoint (no optimizer state) to `out`, atomically.
     `generation` (the config's `generation:` section) is applied to its generation_config.json, so
-    sampler settings chosen after training (they do not change the weights) reach the export."""
+    the export samples as the config says. Training reads the same section (self-conditioning
+    draws its temperatures from t_min..t_max), so edit it in a new stage's config, not a finished one."""
     with atomic_dir(out) as tmp:
         for f in Path(checkpoint).iterdir():
             if f.is_file() and f.name not in ("optimizer.safetensors", "trainer_state.json"):

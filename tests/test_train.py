@@ -149,7 +149,7 @@ def test_bad_configs_name_the_culprit(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_export_applies_sampler_settings_chosen_after_training(tmp_path):
+def test_export_applies_the_generation_section(tmp_path):
     from mlx_diffgemma.train import export
 
     last = train(tiny(tmp_path, steps=2), progress=False, log=lambda *_: None)
@@ -170,8 +170,7 @@ def test_export_applies_sampler_settings_chosen_after_training(tmp_path):
 
 
 def test_bad_generation_section_on_a_checkpoint_is_one_line(tmp_path, capsys):
-    # the generation section may be edited after training (sampler settings do not change the
-    # weights): a bad one is a one-line error, with init_from as with a fresh model
+    # a bad generation section is a one-line error, with init_from as with a fresh model
     last = train(tiny(tmp_path, steps=2), progress=False, log=lambda *_: None)
     for source in (f"init_from: {last}", "model: " + json.dumps(TINY_MODEL)):
         bad = tmp_path / "bad.yaml"
