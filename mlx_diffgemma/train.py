@@ -245,9 +245,9 @@ def build(cfg: TrainConfig) -> tuple[DiffusionGemma, dict, GenerationConfig, Pat
     raw = {"model_type": "diffusion_gemma", "architectures": ["DiffusionGemmaForBlockDiffusion"], **cfg.model}
     try:
         config = ModelConfig.from_dict(raw, source="model")
-        gen = with_generation(GenerationConfig(), cfg.generation)
     except (ConfigError, TypeError, ValueError) as e:
         raise TrainError(str(e)) from None
+    gen = with_generation(GenerationConfig(), cfg.generation)
     mx.random.seed(cfg.seed)
     model = DiffusionGemma(config)
     mx.eval(model.parameters())
