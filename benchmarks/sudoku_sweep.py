@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     n, rows, base = len(puzzles), [], None
     for s in settings:
         tic = time.perf_counter()
-        grids = solve_diffusion(model, puzzles, args.seed, args.batch, **s)
+        grids, _ = solve_diffusion(model, puzzles, args.seed, args.batch, **s)
         wall = time.perf_counter() - tic
         solved = np.array([sudoku.is_solution(p, g) for p, g in zip(puzzles, grids)], dtype=np.float64)
         right = np.array([(g[b] == t[b]).mean() for g, t, b in zip(grids, solutions, blank)])

@@ -4,6 +4,8 @@
 
 Prints the solved grid and, on the last line, its 81 digits. `--show-canvas` redraws the grid after
 every denoising step (the canvas resolving live); `--model` takes another Sudoku checkpoint.
+`--tries N` denoises N canvases with different noise in one batch and keeps the first that passes
+the rule check: the model alone solves about 38% of puzzles with 30 or more givens in one try.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="sudoku", help="model directory or bundled name (default: sudoku)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (default 0)")
     parser.add_argument("--steps", type=int, default=None, help="max denoising steps (checkpoint default)")
+    parser.add_argument("--tries", type=int, default=1,
+                        help="denoise this many canvases in one batch, keep the first valid grid (default 1)")
     parser.add_argument("--show-canvas", action="store_true", help="redraw the grid after every denoising step")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when the grid is not a solution")
     args = parser.parse_args(argv)
@@ -34,6 +38,9 @@ def main(argv=None) -> int:
     if args.steps is not None and args.steps < 1:
         print("error: --steps must be >= 1", file=sys.stderr)
         return 2
+    if args.tries < 1:
+        print("error: --tries must be >= 1", file=sys.stderr)
+        return 2
     try:
         model, _ = load(args.model)
     except LoadError as e:
@@ -43,7 +50,7 @@ def main(argv=None) -> int:
     live = args.show_canvas and sys.stdout.isatty()
 
     def show(step, digits):
-        grid = digits[0]
+        grid = digits[0]  # try 0
         if live:
             print("\x1b[H\x1b[J", end="")
         filled = int((grid > 0).sum())
@@ -53,14 +60,19 @@ def main(argv=None) -> int:
 
     overrides = {} if args.steps is None else {"max_denoising_steps": args.steps}
     try:
-        solution = sudoku.solve(model, puzzle, seed=args.seed, on_step=show if args.show_canvas else None, **overrides)
+        grids, which = sudoku.solve_tries(model, puzzle, args.tries, seed=args.seed,
+                                          on_step=show if args.show_canvas else None, **overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ok = sudoku.is_solution(puzzle, solution)
+    solution, ok = grids[0], which[0] >= 0
     print(sudoku.pretty(solution))
-    print("solved: every row, column and box is valid and every given is kept" if ok
-          else f"not solved: {sudoku.diagnose(puzzle, solution)}")
+    if ok:
+        where = f" (try {which[0] + 1} of {args.tries})" if args.tries > 1 else ""
+        print(f"solved{where}: every row, column and box is valid and every given is kept")
+    else:
+        tried = f" in {args.tries} tries; try 1" if args.tries > 1 else ""
+        print(f"not solved{tried}: {sudoku.diagnose(puzzle, solution)}")
     print(sudoku.grid_string(solution).replace(".", "0"))
     return 1 if args.strict and not ok else 0
 

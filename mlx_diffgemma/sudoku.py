@@ -312,3 +312,20 @@ def solve_batch(model, puzzles: np.ndarray, seed: int = 0, on_step=None, **overr
     cb = None if on_step is None else (lambda step, result: on_step(step, canvas_digits(result.argmax)))
     argmax, _ = denoise_canvas(model, cache, gen, noise, 0, on_step=cb, canvas=canvas)
     return canvas_digits(argmax)
+
+
+def solve_tries(model, puzzles: np.ndarray, tries: int, seed: int = 0, on_step=None, **overrides):
+    """Each puzzle `tries` times with different noise, all in one batch, keeping the first try
+    whose grid passes the rule check (cheap, unlike the solve). Returns (digits [B, 81], the try
+    that solved each puzzle [B], -1 where none did; those puzzles get try 0's grid).
+
+    The batch is try-major (rows t*B .. t*B + B-1 are try t), so try 0 draws the same noise as
+    `solve_batch(model, puzzles, seed)`, and `tries=1` is exactly that call."""
+    if tries < 1:
+        raise ValueError(f"tries must be >= 1, got {tries}")
+    puzzles = np.asarray(puzzles).reshape(-1, CELLS)
+    B = len(puzzles)
+    grids = solve_batch(model, np.tile(puzzles, (tries, 1)), seed, on_step, **overrides).reshape(tries, B, CELLS)
+    ok = np.array([[is_solution(p, g) for p, g in zip(puzzles, grids[t])] for t in range(tries)])
+    which = np.where(ok.any(axis=0), ok.argmax(axis=0), -1)
+    return grids[np.maximum(which, 0), np.arange(B)], which

@@ -121,6 +121,20 @@ def test_sudoku_eval_reports_each_fast_mode(tmp_path, monkeypatch):
     assert "diffusion turbo solved" in (tmp_path / "eval.md").read_text()
 
 
+def test_sudoku_eval_tries_column_contains_the_reference(tmp_path, monkeypatch):
+    from benchmarks import sudoku_eval
+
+    monkeypatch.setattr(sudoku_eval, "RESULTS", tmp_path)
+    assert sudoku_eval.main(["--puzzles", "4", "--givens", "30", "34", "--tries", "2", "--batch", "4",
+                             "--out", "eval"]) == 0
+    systems = json.loads((tmp_path / "eval.json").read_text())["systems"]
+    ref, tried = systems["diffusion"], systems["diffusion, 2 tries"]
+    assert tried["solved_on_try_1"] == tried["reference_solved"] == ref["overall"]["solved"]
+    assert tried["overall"]["solved"] >= ref["overall"]["solved"]
+    assert "diffusion, 2 tries solved" in (tmp_path / "eval.md").read_text()
+    assert sudoku_eval.main(["--puzzles", "1", "--tries", "0"]) == 2
+
+
 def test_sudoku_eval_names_an_unknown_mode(capsys):
     from benchmarks import sudoku_eval
 
