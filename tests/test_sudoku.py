@@ -137,6 +137,18 @@ def test_solve_tries_keeps_the_first_valid_try(bundled):
         sudoku.solve_tries(model, puzzles, 0)
 
 
+def test_documented_puzzles_are_valid():
+    """Every puzzle the README and the docs tell a user to run is well-formed and has exactly one
+    solution (one of them once had a clashing row)."""
+    import re
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    found = [(d.name, m) for d in docs for m in re.findall(r'examples/sudoku\.py[^"\n]*"([0-9.]{81})"', d.read_text())]
+    assert len(found) >= 2, found
+    for name, text in found:
+        assert sudoku.count_solutions(sudoku.parse_grid(text)) == 1, (name, text)
+
+
 def test_example_prints_the_grid_and_the_digits_last():
     p, _ = sudoku.puzzle_set(7, 1, (55, 55))
     text = sudoku.grid_string(p[0])
