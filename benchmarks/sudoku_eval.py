@@ -51,16 +51,21 @@ def solve_autoregressive(model, puzzles, batch):
     return np.concatenate(out)
 
 
-def summarize(puzzles, grids, wall) -> dict:
+def per_puzzle(puzzles, grids) -> tuple[np.ndarray, np.ndarray]:
+    """(solved [N] bool, share of blank cells filled right [N])."""
     from mlx_diffgemma import sudoku
 
     solved = np.array([sudoku.is_solution(p, g) for p, g in zip(puzzles, grids)])
-    givens = (puzzles > 0).sum(axis=1)
-    cells_right = []
+    right = []
     for p, g in zip(puzzles, grids):
-        truth = sudoku.solve_exact(p)
-        blank = p == 0
-        cells_right.append(float((g[blank] == truth[blank]).mean()) if blank.any() else 1.0)
+        truth, blank = sudoku.solve_exact(p), p == 0
+        right.append(float((g[blank] == truth[blank]).mean()) if blank.any() else 1.0)
+    return solved, np.array(right)
+
+
+def summarize(puzzles, grids, wall) -> dict:
+    solved, cells_right = per_puzzle(puzzles, grids)
+    givens = (puzzles > 0).sum(axis=1)
 
     def rate(mask):
         n = int(mask.sum())
@@ -77,6 +82,19 @@ def summarize(puzzles, grids, wall) -> dict:
     }
 
 
+def paired(puzzles, grids, other) -> dict:
+    """`grids` minus `other` on the same puzzles and noise, puzzle by puzzle, with standard errors:
+    solved at >= 30 givens and blank cells right."""
+    ge30 = (puzzles > 0).sum(axis=1) >= 30
+    (s1, c1), (s2, c2) = per_puzzle(puzzles, grids), per_puzzle(puzzles, other)
+
+    def diff(d):
+        return {"mean": round(float(d.mean()), 4), "stderr": round(float(d.std(ddof=1) / math.sqrt(len(d))), 4)}
+
+    return {"solved_ge_30": diff(s1[ge30].astype(float) - s2[ge30]), "blank_cells_right": diff(c1 - c2),
+            "only_first_solved": int((s1 & ~s2)[ge30].sum()), "only_second_solved": int((s2 & ~s1)[ge30].sum())}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--diffusion", default="sudoku", help="diffusion checkpoint (default: the bundled model)")
@@ -90,6 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--entropy-bound", type=float, default=None, help="override entropy_bound")
     p.add_argument("--t-max", type=float, default=None, help="override t_max (the first step's temperature)")
     p.add_argument("--t-min", type=float, default=None, help="override t_min")
+    p.add_argument("--compare-to", default=None, help="another diffusion checkpoint: the same puzzles and noise "
+                   "through the reference sampler, and the paired difference (--diffusion minus this one)")
     p.add_argument("--tries", type=int, default=1, help="also report solved within this many tries "
                    "(first valid grid of K noise draws, as `examples/sudoku.py --tries`)")
     p.add_argument("--modes", default="", help="also solve with these fast modes, comma-separated "
@@ -135,6 +155,13 @@ def main(argv=None) -> int:
                                 "max_denoising_steps": gen.max_denoising_steps, "entropy_bound": gen.entropy_bound,
                                 "t_max": gen.t_max, "t_min": gen.t_min,
                                 **summarize(puzzles, grids, time.perf_counter() - tic)}
+        if args.compare_to:
+            other_model, _ = load(args.compare_to)
+            tic = time.perf_counter()
+            other = solve_diffusion(other_model, puzzles, args.seed, args.batch, **overrides)[0]
+            systems["compared"] = {"model": args.compare_to, "sampler": "reference, the same noise",
+                                   "paired_minus_this": paired(puzzles, grids, other),
+                                   **summarize(puzzles, other, time.perf_counter() - tic)}
         if args.tries > 1:
             tic = time.perf_counter()
             grids, which = solve_diffusion(model, puzzles, args.seed, args.batch, args.tries, **overrides)
@@ -188,6 +215,13 @@ def main(argv=None) -> int:
         sampler = s["sampler"] + (f" ({s['max_denoising_steps']} steps, entropy bound {s['entropy_bound']}, "
                                   f"t {s['t_max']} to {s['t_min']})" if n == "diffusion" else "")
         lines.append(f"| {n} | {s['model']} | {sampler} | {s['blank_cells_right']:.3f} | {s['seconds']} |")
+    if "compared" in systems:
+        d = systems["compared"]["paired_minus_this"]
+        lines += ["", f"Paired, `diffusion` minus `compared` (same puzzles, same noise): solved at >= 30 givens "
+                  f"{d['solved_ge_30']['mean']:+.3f} ± {d['solved_ge_30']['stderr']:.3f} "
+                  f"({d['only_first_solved']} puzzles only `diffusion` solved, {d['only_second_solved']} only "
+                  f"`compared`); blank cells right {d['blank_cells_right']['mean']:+.4f} ± "
+                  f"{d['blank_cells_right']['stderr']:.4f}."]
     for n in names:
         if "solved_on_try_1" in systems[n]:
             s = systems[n]

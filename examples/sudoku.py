@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         if live:
             print("\x1b[H\x1b[J", end="")
         filled = int((grid > 0).sum())
-        print(f"step {step + 1}: {filled}/81 cells hold a digit\n{sudoku.pretty(grid)}\n", flush=True)
+        which = f" (try 1 of {args.tries})" if args.tries > 1 else ""
+        print(f"step {step + 1}{which}: {filled}/81 cells hold a digit\n{sudoku.pretty(grid)}\n", flush=True)
         if live:
             time.sleep(0.05)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+
 from benchmarks.flops import step_flops
 from benchmarks.run import ROW_FIELDS, SCHEMA
 from benchmarks.sizes import text_config
@@ -133,6 +135,28 @@ def test_sudoku_eval_tries_column_contains_the_reference(tmp_path, monkeypatch):
     assert tried["overall"]["solved"] >= ref["overall"]["solved"]
     assert "diffusion, 2 tries solved" in (tmp_path / "eval.md").read_text()
     assert sudoku_eval.main(["--puzzles", "1", "--tries", "0"]) == 2
+
+
+def test_sudoku_eval_pairs_two_checkpoints(tmp_path, monkeypatch):
+    import numpy as np
+
+    from benchmarks import sudoku_eval
+    from mlx_diffgemma import sudoku
+
+    monkeypatch.setattr(sudoku_eval, "RESULTS", tmp_path)
+    bundled = str(ROOT / "mlx_diffgemma" / "models" / "sudoku")
+    assert sudoku_eval.main(["--puzzles", "3", "--givens", "30", "40", "--compare-to", bundled, "--batch", "3",
+                             "--out", "eval"]) == 0
+    systems = json.loads((tmp_path / "eval.json").read_text())["systems"]
+    # the same weights under the same noise: identical grids, so every paired difference is zero
+    d = systems["compared"]["paired_minus_this"]
+    assert d["solved_ge_30"]["mean"] == d["blank_cells_right"]["mean"] == 0.0
+    assert systems["compared"]["blank_cells_right"] == systems["diffusion"]["blank_cells_right"]
+    # and a different model gives a nonzero cell difference, with the sign of the direct rates
+    grids = np.stack([np.full(81, 1)] * 3)
+    puzzles, solutions = sudoku.puzzle_set(3, 3, (30, 30))
+    diff = sudoku_eval.paired(puzzles, solutions, grids)
+    assert diff["blank_cells_right"]["mean"] > 0.5 and diff["only_first_solved"] == 3
 
 
 def test_sudoku_eval_names_an_unknown_mode(capsys):
