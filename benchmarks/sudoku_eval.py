@@ -8,8 +8,9 @@ and every given is kept. Writes benchmarks/results/sudoku_eval-<stamp>.json and 
 rate overall, on puzzles with >= 30 givens, and by number of givens (buckets of 5).
 
 `--tries K` adds a column: each puzzle denoised K times with different noise
-(`sudoku.solve_tries`), solved when any try passes the rule check. Try 1 is the reference column's
-own run, so this column can only be higher; it measures test-time search with a checker, not the
+(`sudoku.solve_tries`), solved when any try passes the rule check. Try 1 draws the reference
+column's noise (the report prints both counts, which match unless batch size changes the
+arithmetic), so this column can only be higher. It measures search with a checker, not the
 model's one-shot solve rate.
 """
 
