@@ -52,20 +52,24 @@ def solve_autoregressive(model, puzzles, batch):
     return np.concatenate(out)
 
 
-def per_puzzle(puzzles, grids) -> tuple[np.ndarray, np.ndarray]:
-    """(solved [N] bool, share of blank cells filled right [N])."""
+def per_puzzle(puzzles, solutions, grids) -> tuple[np.ndarray, np.ndarray]:
+    """(solved [N] bool, share of blank cells filled right [N]); `solutions` are the generator's
+    (each puzzle has exactly one)."""
     from mlx_diffgemma import sudoku
 
     solved = np.array([sudoku.is_solution(p, g) for p, g in zip(puzzles, grids)])
-    right = []
-    for p, g in zip(puzzles, grids):
-        truth, blank = sudoku.solve_exact(p), p == 0
-        right.append(float((g[blank] == truth[blank]).mean()) if blank.any() else 1.0)
-    return solved, np.array(right)
+    blank = puzzles == 0
+    right = np.array([(g[b] == t[b]).mean() if b.any() else 1.0 for g, t, b in zip(grids, solutions, blank)])
+    return solved, right
 
 
-def summarize(puzzles, grids, wall) -> dict:
-    solved, cells_right = per_puzzle(puzzles, grids)
+def mean_stderr(d: np.ndarray) -> dict:
+    """Mean of per-puzzle differences and its standard error."""
+    return {"mean": round(float(d.mean()), 4), "stderr": round(float(d.std(ddof=1) / math.sqrt(len(d))), 4)}
+
+
+def summarize(puzzles, solutions, grids, wall) -> dict:
+    solved, cells_right = per_puzzle(puzzles, solutions, grids)
     givens = (puzzles > 0).sum(axis=1)
 
     def rate(mask):
@@ -83,16 +87,12 @@ def summarize(puzzles, grids, wall) -> dict:
     }
 
 
-def paired(puzzles, grids, other) -> dict:
+def paired(puzzles, solutions, grids, other) -> dict:
     """`grids` minus `other` on the same puzzles and noise, puzzle by puzzle, with standard errors:
     solved at >= 30 givens and blank cells right."""
     ge30 = (puzzles > 0).sum(axis=1) >= 30
-    (s1, c1), (s2, c2) = per_puzzle(puzzles, grids), per_puzzle(puzzles, other)
-
-    def diff(d):
-        return {"mean": round(float(d.mean()), 4), "stderr": round(float(d.std(ddof=1) / math.sqrt(len(d))), 4)}
-
-    return {"solved_ge_30": diff(s1[ge30].astype(float) - s2[ge30]), "blank_cells_right": diff(c1 - c2),
+    (s1, c1), (s2, c2) = per_puzzle(puzzles, solutions, grids), per_puzzle(puzzles, solutions, other)
+    return {"solved_ge_30": mean_stderr(s1[ge30].astype(float) - s2[ge30]), "blank_cells_right": mean_stderr(c1 - c2),
             "only_first_solved": int((s1 & ~s2)[ge30].sum()), "only_second_solved": int((s2 & ~s1)[ge30].sum())}
 
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         print(f"error: unknown mode {unknown[0]!r} in --modes; choose from {', '.join(MODES)}", file=sys.stderr)
         return 2
     tic = time.perf_counter()
-    puzzles, _ = sudoku.puzzle_set(args.puzzle_seed, args.puzzles, tuple(args.givens))
+    puzzles, solutions = sudoku.puzzle_set(args.puzzle_seed, args.puzzles, tuple(args.givens))
     print(f"{len(puzzles)} held-out puzzles in {time.perf_counter() - tic:.1f}s", file=sys.stderr)
 
     overrides = {k: v for k, v in (("max_denoising_steps", args.steps), ("entropy_bound", args.entropy_bound),
@@ -155,14 +155,14 @@ def main(argv=None) -> int:
         systems["diffusion"] = {"model": args.diffusion, "sampler": "reference",
                                 "max_denoising_steps": gen.max_denoising_steps, "entropy_bound": gen.entropy_bound,
                                 "t_max": gen.t_max, "t_min": gen.t_min,
-                                **summarize(puzzles, grids, time.perf_counter() - tic)}
+                                **summarize(puzzles, solutions, grids, time.perf_counter() - tic)}
         if args.compare_to:
             other_model, _ = load(args.compare_to)
             tic = time.perf_counter()
             other = solve_diffusion(other_model, puzzles, args.seed, args.batch, **overrides)[0]
             systems["compared"] = {"model": args.compare_to, "sampler": "reference, the same noise",
-                                   "paired_minus_this": paired(puzzles, grids, other),
-                                   **summarize(puzzles, other, time.perf_counter() - tic)}
+                                   "paired_minus_this": paired(puzzles, solutions, grids, other),
+                                   **summarize(puzzles, solutions, other, time.perf_counter() - tic)}
         if args.tries > 1:
             tic = time.perf_counter()
             grids, which = solve_diffusion(model, puzzles, args.seed, args.batch, args.tries, **overrides)
@@ -170,19 +170,19 @@ def main(argv=None) -> int:
             systems[f"diffusion, {args.tries} tries"] = {
                 "model": args.diffusion, "sampler": f"reference, first of {args.tries} tries to pass the rule check",
                 "solved_on_try_1": int((which == 0).sum()), "reference_solved": first,
-                **summarize(puzzles, grids, time.perf_counter() - tic)}
+                **summarize(puzzles, solutions, grids, time.perf_counter() - tic)}
         gen_fast = gen.override(max_new_tokens=sudoku.CELLS)
         for mode in modes:
             tic = time.perf_counter()
             grids = np.stack([solve_one(model, p, args.seed + i, mode, gen_fast)[0] for i, p in enumerate(puzzles)])
             systems[f"diffusion {mode}"] = {"model": args.diffusion, "sampler": f"fast mode {mode}, one puzzle at a time",
-                                            **summarize(puzzles, grids, time.perf_counter() - tic)}
+                                            **summarize(puzzles, solutions, grids, time.perf_counter() - tic)}
         if args.autoregressive:
             model, _ = load(args.autoregressive)
             tic = time.perf_counter()
             grids = solve_autoregressive(model, puzzles, args.batch)
             systems["autoregressive"] = {"model": args.autoregressive, "sampler": "greedy, left to right",
-                                         **summarize(puzzles, grids, time.perf_counter() - tic)}
+                                         **summarize(puzzles, solutions, grids, time.perf_counter() - tic)}
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

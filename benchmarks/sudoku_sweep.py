@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from benchmarks.machine import record as machine_record
-    from benchmarks.sudoku_eval import solve_diffusion
+    from benchmarks.sudoku_eval import mean_stderr, per_puzzle, solve_diffusion
     from mlx_diffgemma import load, sudoku
     from mlx_diffgemma.files import write_text_atomic
 
@@ -69,23 +69,22 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     puzzles, solutions = sudoku.puzzle_set(args.puzzle_seed, args.puzzles, tuple(args.givens))
-    blank = puzzles == 0
     n, rows, base = len(puzzles), [], None
     for s in settings:
         tic = time.perf_counter()
         grids, _ = solve_diffusion(model, puzzles, args.seed, args.batch, **s)
         wall = time.perf_counter() - tic
-        solved = np.array([sudoku.is_solution(p, g) for p, g in zip(puzzles, grids)], dtype=np.float64)
-        right = np.array([(g[b] == t[b]).mean() for g, t, b in zip(grids, solutions, blank)])
+        solved, right = per_puzzle(puzzles, solutions, grids)
+        solved = solved.astype(np.float64)
         if base is None:
             base = solved
-        diff = solved - base
+        diff = mean_stderr(solved - base)
         rows.append({
             "setting": s or "model default", "wall_s": round(wall, 1),
             "solve_rate": round(float(solved.mean()), 4),
             "solve_rate_stderr": round(math.sqrt(solved.mean() * (1 - solved.mean()) / n), 4),
-            "solved_minus_default": round(float(diff.mean()), 4),
-            "solved_minus_default_stderr": round(float(diff.std(ddof=1) / math.sqrt(n)), 4),
+            "solved_minus_default": diff["mean"],
+            "solved_minus_default_stderr": diff["stderr"],
             "blank_cells_right": round(float(right.mean()), 4),
         })
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

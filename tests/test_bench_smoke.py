@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from benchmarks.flops import step_flops
 from benchmarks.run import ROW_FIELDS, SCHEMA
 from benchmarks.sizes import text_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,7 +155,7 @@ def test_sudoku_eval_pairs_two_checkpoints(tmp_path, monkeypatch):
     # and a different model gives a nonzero cell difference, with the sign of the direct rates
     grids = np.stack([np.full(81, 1)] * 3)
     puzzles, solutions = sudoku.puzzle_set(3, 3, (30, 30))
-    diff = sudoku_eval.paired(puzzles, solutions, grids)
+    diff = sudoku_eval.paired(puzzles, solutions, solutions, grids)
     assert diff["blank_cells_right"]["mean"] > 0.5 and diff["only_first_solved"] == 3
 
 
