@@ -1,11 +1,14 @@
-"""The fast path's quality gate and speed: the trained Sudoku model, reference sampler against each
-fast mode, on the same held-out puzzles and seeds, one puzzle at a time (batch 1, as a chat is).
+"""The fast path's quality gate and speed: a trained model, reference sampler against each fast mode,
+on the same held-out items and seeds, one item at a time (batch 1, as a chat is).
 
-    python -m benchmarks.fast_path --model sudoku --puzzles 300
+    python -m benchmarks.fast_path --model sudoku --puzzles 300                  # Sudoku: the answer fills the canvas
+    python -m benchmarks.fast_path --task sort --model sort --puzzles 300        # sorting: answers of 1-48 tokens
 
-Writes benchmarks/results/fast_path-<stamp>.json and .md: solve rate (with its standard error and
-the paired disagreement against the reference), denoising steps, trunk row-passes per committed
-token and wall time per committed token, each mode against the reference measured in this run.
+Writes benchmarks/results/fast_path-<stamp>.json and .md: the exact-answer rate (with its standard
+error and the paired disagreement against the reference), a finer per-token accuracy with its paired
+difference, denoising steps, trunk row-passes per committed token and wall time per committed token,
+each mode against the reference measured in this run, and the same by group (givens for Sudoku,
+list length for sorting).
 """
 
 from __future__ import annotations
@@ -20,9 +23,8 @@ import mlx.core as mx
 import numpy as np
 
 from benchmarks.machine import record as machine_record
-from mlx_diffgemma import load
-from mlx_diffgemma import sudoku
-from mlx_diffgemma.fast import MODES, denoise_canvas_fast
+from mlx_diffgemma import load, sorting, sudoku
+from mlx_diffgemma.fast import MODES, denoise_canvas_fast, get_mode
 from mlx_diffgemma.files import write_text_atomic
 from mlx_diffgemma.generate import denoise_canvas
 from mlx_diffgemma.sampler import NoiseSource
@@ -30,114 +32,214 @@ from mlx_diffgemma.sampler import NoiseSource
 RESULTS = Path(__file__).parent / "results"
 
 
-def solve_one(model, puzzle, seed: int, mode: str, gen):
+class SudokuItems:
+    """Held-out puzzles; exact = solved, accuracy = blank cells right; every puzzle commits 81 cells."""
+
+    exact_label, accuracy_label, group_label = "solved", "cells right", "givens"
+
+    def __init__(self, n: int, bounds: tuple[int, int], seed: int):
+        self.puzzles, self.solutions = sudoku.puzzle_set(seed, n, bounds)
+
+    def __len__(self):
+        return len(self.puzzles)
+
+    def prompt(self, i: int) -> list[int]:
+        return sudoku.prompt_ids(self.puzzles[i])
+
+    def score(self, i: int, tokens: np.ndarray) -> tuple[bool, float]:
+        digits, blanks = sudoku.canvas_digits(tokens), self.puzzles[i] == 0
+        return sudoku.is_solution(self.puzzles[i], digits), float((digits == self.solutions[i])[blanks].mean())
+
+    def committed(self, i: int) -> int:
+        return sudoku.CELLS
+
+    def group(self, i: int) -> str:
+        return str(int(np.count_nonzero(self.puzzles[i])))
+
+
+class SortItems:
+    """Held-out digit lists; exact = sorted exactly, accuracy = answer rows right (digits and EOS);
+    a list of L digits commits L + 1 tokens (the answer and its EOS; the rest of the canvas is pad)."""
+
+    exact_label, accuracy_label, group_label = "sorted", "tokens right", "length"
+
+    def __init__(self, n: int, bounds: tuple[int, int], seed: int):
+        self.lists = sorting.list_set(seed, n, bounds)
+
+    def __len__(self):
+        return len(self.lists)
+
+    def prompt(self, i: int) -> list[int]:
+        return sorting.prompt_batch([self.lists[i]])[0].tolist()
+
+    def score(self, i: int, tokens: np.ndarray) -> tuple[bool, float]:
+        return sorting.is_sorted_answer(self.lists[i], tokens), sorting.tokens_right(self.lists[i], tokens)
+
+    def committed(self, i: int) -> int:
+        return len(self.lists[i]) + 1
+
+    def group(self, i: int) -> str:
+        lo = (len(self.lists[i]) - 1) // 12 * 12 + 1  # 1-12, 13-24, 25-36, 37-48
+        return f"{lo}-{lo + 11}"
+
+
+TASKS = {"sudoku": (SudokuItems, (30, 45)), "sort": (SortItems, (1, sorting.WIDTH))}
+
+
+def run_one(model, prompt: list[int], seed: int, mode: str, gen):
+    """(committed canvas [C], denoising steps, trunk row-passes) for one prompt under `mode`."""
     cache = model.make_cache()
-    model.encode(mx.array([sudoku.prompt_ids(puzzle)]), cache)
+    model.encode(mx.array([prompt]), cache)
     mx.eval(cache.state())
     noise = NoiseSource(seed, model.config.vocab_size)
     if mode == "reference":
         argmax, steps = denoise_canvas(model, cache, gen, noise, 0)
         rows = steps * model.config.canvas_length
     else:
-        r = denoise_canvas_fast(model, cache, gen, noise, 0, MODES[mode])
+        r = denoise_canvas_fast(model, cache, gen, noise, 0, get_mode(mode))
         argmax, steps, rows = r.argmax, r.steps, r.row_passes
-    return sudoku.canvas_digits(argmax)[0], steps, rows
+    return np.asarray(argmax)[0], steps, rows
 
 
-def run(model_path: str, n: int, givens: tuple[int, int], seed: int, modes: list[str], puzzle_seed: int):
+def _stderr(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def run(model_path: str, items, seed: int, modes: list[str]) -> list[dict]:
     model, _ = load(model_path)
-    gen = model.generation_config.override(max_new_tokens=sudoku.CELLS)
-    puzzles, solutions = sudoku.puzzle_set(puzzle_seed, n, givens)
-    blanks = puzzles == 0
-    per_mode = {}
+    gen = model.generation_config.override(max_new_tokens=model.config.canvas_length)
+    n = len(items)
     # warm-up, so the first mode does not pay for compilation and allocation
     for mode in modes:
-        solve_one(model, puzzles[0], seed, mode, gen)
-    # puzzle by puzzle, every mode in turn: a change in the machine's load during the run then
-    # falls on all modes alike instead of on whichever mode was running
-    runs = {mode: dict(solved=[], steps=[], rows=[], right=[], wall=0.0) for mode in modes}
-    for i, p in enumerate(puzzles):
+        run_one(model, items.prompt(0), seed, mode, gen)
+    # item by item, every mode in turn: a change in the machine's load during the run then falls
+    # on all modes alike instead of on whichever mode was running
+    runs = {mode: dict(exact=[], accuracy=[], steps=[], rows=[], wall=[]) for mode in modes}
+    for i in range(n):
+        prompt = items.prompt(i)
         for mode in modes:
             tic = time.perf_counter()
-            digits, s, r = solve_one(model, p, seed + i, mode, gen)
+            tokens, s, r = run_one(model, prompt, seed + i, mode, gen)
             m = runs[mode]
-            m["wall"] += time.perf_counter() - tic
-            m["solved"].append(sudoku.is_solution(p, digits))
-            m["right"].append((digits == solutions[i])[blanks[i]].mean())
+            m["wall"].append(time.perf_counter() - tic)
+            exact, accuracy = items.score(i, tokens)
+            m["exact"].append(exact)
+            m["accuracy"].append(accuracy)
             m["steps"].append(s)
             m["rows"].append(r)
-    for mode, m in runs.items():
-        per_mode[mode] = {k: (v if k == "wall" else np.array(v)) for k, v in m.items()}
+    runs = {mode: {k: np.array(v, dtype=np.float64) for k, v in m.items()} for mode, m in runs.items()}
 
-    committed = n * sudoku.CELLS
-    ref = per_mode["reference"]
+    committed = np.array([items.committed(i) for i in range(n)], dtype=np.float64)
+    groups = np.array([items.group(i) for i in range(n)])
+    ref = runs["reference"]
     table = []
-    for mode, m in per_mode.items():
-        rate = m["solved"].mean()
+    for mode, m in runs.items():
+        rate = m["exact"].mean()
+        diff = m["accuracy"] - ref["accuracy"]
+        by_group = {}
+        for g in sorted(set(groups), key=lambda g: int(g.split("-")[0])):
+            sel = groups == g
+            by_group[g] = {
+                "items": int(sel.sum()),
+                "exact": round(float(m["exact"][sel].mean()), 3),
+                "row_pass_reduction": round(float(ref["rows"][sel].sum() / m["rows"][sel].sum()), 2),
+                "wall_time_reduction": round(float(ref["wall"][sel].sum() / m["wall"][sel].sum()), 2),
+            }
         table.append({
             "mode": mode,
             "puzzles": n,
-            "solve_rate": round(float(rate), 4),
-            "solve_rate_stderr": round(math.sqrt(rate * (1 - rate) / n), 4),
-            "disagree_with_reference": int((m["solved"] != ref["solved"]).sum()),
-            # blank cells filled with the right digit: a finer quality signal than whole grids
-            "blank_cell_accuracy": round(float(m["right"].mean()), 4),
-            "blank_cell_accuracy_stderr": round(float(m["right"].std(ddof=1) / math.sqrt(n)), 4),
-            # paired: the same puzzles and seeds, so the per-puzzle difference has its own noise
-            "accuracy_minus_reference": round(float((m["right"] - ref["right"]).mean()), 4),
-            "accuracy_minus_reference_stderr": round(float((m["right"] - ref["right"]).std(ddof=1) / math.sqrt(n)), 4),
+            "exact": round(float(rate), 4),
+            "exact_stderr": round(math.sqrt(rate * (1 - rate) / n), 4),
+            "disagree_with_reference": int((m["exact"] != ref["exact"]).sum()),
+            "accuracy": round(float(m["accuracy"].mean()), 4),
+            "accuracy_stderr": round(_stderr(m["accuracy"]), 4),
+            # paired: the same items and seeds, so the per-item difference has its own noise
+            "accuracy_minus_reference": round(float(diff.mean()), 4),
+            "accuracy_minus_reference_stderr": round(_stderr(diff), 4),
+            "exact_minus_reference": round(float((m["exact"] - ref["exact"]).mean()), 4),
+            "exact_minus_reference_stderr": round(_stderr(m["exact"] - ref["exact"]), 4),
             "mean_steps": round(float(m["steps"].mean()), 2),
-            "row_passes_per_token": round(float(m["rows"].sum() / committed), 3),
-            "ms_per_token": round(1e3 * m["wall"] / committed, 4),
+            "row_passes_per_token": round(float(m["rows"].sum() / committed.sum()), 3),
+            "ms_per_token": round(1e3 * float(m["wall"].sum() / committed.sum()), 4),
             "row_pass_reduction": round(float(ref["rows"].sum() / m["rows"].sum()), 2),
-            "wall_time_reduction": round(ref["wall"] / m["wall"], 2),
-            "by_givens": {
-                int(g): round(float(m["solved"][np.array([np.count_nonzero(p) for p in puzzles]) == g].mean()), 3)
-                for g in sorted({int(np.count_nonzero(p)) for p in puzzles})
-            },
+            "wall_time_reduction": round(float(ref["wall"].sum() / m["wall"].sum()), 2),
+            "by_group": by_group,
         })
     return table
 
 
-def write(table, args) -> Path:
+def write(table, args, items) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = RESULTS / f"fast_path-{stamp}.json"
-    doc = {"benchmark": "fast_path", "model": args.model, "givens": args.givens, "seed": args.seed,
-           "puzzle_seed": args.puzzle_seed, "machine": machine_record(shared=True), "rows": table}
+    command = "python -m benchmarks.fast_path " + " ".join(args.argv)
+    doc = {"benchmark": "fast_path", "command": command, "task": args.task, "model": args.model,
+           "bounds": list(args.bounds), "seed": args.seed, "puzzle_seed": args.puzzle_seed,
+           "machine": machine_record(shared=True), "rows": table}
     write_text_atomic(out, json.dumps(doc, indent=2))
+    ex, acc, grp = items.exact_label, items.accuracy_label, items.group_label
     lines = [
-        f"# Fast path on the Sudoku model ({table[0]['puzzles']} puzzles, givens {args.givens[0]}-{args.givens[1]})",
+        f"# Fast path on the {args.task} model ({table[0]['puzzles']} items, {grp} {args.bounds[0]}-{args.bounds[1]})",
         "",
-        "| mode | solved | ± | cells right | ± | minus ref. (paired) | steps | row-passes/token | ms/token | row-passes ÷ | wall time ÷ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Command: `{command}`",
+        "",
+        f"| mode | {ex} | ± | {ex} minus ref. (paired) | {acc} | ± | minus ref. (paired) | steps | "
+        "row-passes/token | ms/token | row-passes ÷ | wall time ÷ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         lines.append(
-            f"| {r['mode']} | {r['solve_rate']:.3f} | {r['solve_rate_stderr']:.3f} | {r['blank_cell_accuracy']:.3f} | "
-            f"{r['blank_cell_accuracy_stderr']:.3f} | {r['accuracy_minus_reference']:+.3f} ± {r['accuracy_minus_reference_stderr']:.3f} | "
+            f"| {r['mode']} | {r['exact']:.3f} | {r['exact_stderr']:.3f} | "
+            f"{r['exact_minus_reference']:+.3f} ± {r['exact_minus_reference_stderr']:.3f} | {r['accuracy']:.3f} | "
+            f"{r['accuracy_stderr']:.3f} | {r['accuracy_minus_reference']:+.3f} ± {r['accuracy_minus_reference_stderr']:.3f} | "
             f"{r['mean_steps']} | {r['row_passes_per_token']} | {r['ms_per_token']} | {r['row_pass_reduction']}x | "
             f"{r['wall_time_reduction']}x |"
         )
+    groups = list(table[0]["by_group"])
+    lines += ["", f"By {grp}: {ex} rate, row-passes ÷ and wall time ÷ against the reference", "",
+              f"| mode | " + " | ".join(f"{g} ({table[0]['by_group'][g]['items']})" for g in groups) + " |",
+              "|---|" + "---|" * len(groups)]
+    for r in table:
+        cells = [f"{b['exact']:.2f}, {b['row_pass_reduction']}x, {b['wall_time_reduction']}x"
+                 for b in (r["by_group"][g] for g in groups)]
+        lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
     lines += ["", f"Machine: {doc['machine'].get('cpu', '?')}; {doc['machine'].get('shared_note') or ''}"]
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return out
 
 
 def main(argv=None):
+    import sys
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sudoku")
-    p.add_argument("--puzzles", type=int, default=300)
-    p.add_argument("--givens", type=int, nargs=2, default=(30, 45))
+    p.add_argument("--task", choices=sorted(TASKS), default="sudoku")
+    p.add_argument("--model", default=None, help="model directory or bundled name (default: the task's name)")
+    p.add_argument("--puzzles", type=int, default=300, help="held-out items (puzzles or lists)")
+    p.add_argument("--givens", "--lengths", dest="bounds", type=int, nargs=2, default=None,
+                   help="givens range (Sudoku, default 30 45) or list lengths (sort, default 1 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--puzzle-seed", type=int, default=20261127)
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="comma-separated modes; a mode may carry knobs, e.g. compact+refresh_every=8")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    cls, default_bounds = TASKS[args.task]
+    args.model = args.model or args.task
+    args.bounds = tuple(args.bounds or default_bounds)
     modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        try:
+            get_mode(m)
+        except ValueError as e:
+            p.error(str(e))
     if "reference" not in modes:
         modes.insert(0, "reference")
-    table = run(args.model, args.puzzles, tuple(args.givens), args.seed, modes, args.puzzle_seed)
-    out = write(table, args)
+    try:
+        items = cls(args.puzzles, args.bounds, args.puzzle_seed)
+    except ValueError as e:
+        p.error(str(e))
+    table = run(args.model, items, args.seed, modes)
+    out = write(table, args, items)
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}")
 

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="result file stem (default: sudoku_eval-<stamp>)")
     args = p.parse_args(argv)
 
-    from benchmarks.fast_path import solve_one
+    from benchmarks.fast_path import run_one
     from benchmarks.machine import record as machine_record
     from mlx_diffgemma import sudoku
     from mlx_diffgemma.fast import MODES
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
         gen_fast = gen.override(max_new_tokens=sudoku.CELLS)
         for mode in modes:
             tic = time.perf_counter()
-            grids = np.stack([solve_one(model, p, args.seed + i, mode, gen_fast)[0] for i, p in enumerate(puzzles)])
+            grids = np.stack([sudoku.canvas_digits(run_one(model, sudoku.prompt_ids(p), args.seed + i, mode, gen_fast)[0])
+                              for i, p in enumerate(puzzles)])
             systems[f"diffusion {mode}"] = {"model": args.diffusion, "sampler": f"fast mode {mode}, one puzzle at a time",
                                             **summarize(puzzles, solutions, grids, time.perf_counter() - tic)}
         if args.autoregressive:

@@ -15,7 +15,10 @@ position every step; these modes stop paying for positions that are already deci
 - freezing schedule (`target_steps`): besides the entropy rule, the lowest-entropy active positions
   are frozen on a schedule that leaves none active after `target_steps` steps (a MaskGIT-style
   quota; the reference keeps refining until stable and confident, up to 48 steps);
-- EOS tail cut (`eos_tail_cut`): once a frozen position holds an EOS, the rows after it stop;
+- EOS tail cut (`eos_tail_cut`): once a frozen position holds an EOS, the rows after it are frozen
+  too (they become pad at the commit); with compaction they leave the trunk, but stay in the
+  attention as K/V refreshed on refresh steps. `drop_tail` removes them from the canvas altogether;
+  on the sort model that cost 3-5 points of answer tokens (docs/fast_path.md), so no mode uses it;
 - prefix-stable exit (`prefix_exit`): the canvas stops when the argmax up to the first EOS is stable
   and confident, ignoring the padded tail;
 - adaptive canvas (`adaptive_canvas`): when fewer tokens are wanted than a canvas holds, the canvas
@@ -29,7 +32,7 @@ current; their tokens stay frozen) and `bucket_multiple` (finer active-set bucke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import mlx.core as mx
 import numpy as np
@@ -55,6 +58,7 @@ class FastMode:
     settle_frozen: bool = False  # frozen positions count as entropy 0 in the acceptance too
     bucket_multiple: int | None = None  # pad active sets to multiples of this instead of powers of two
     rescore_frozen: bool = False  # frozen rows the trunk ran this step also get the head: a current entropy
+    drop_tail: int | None = None  # with eos_tail_cut: rows this far past the settled EOS leave the canvas
 
     def canvas_length(self, C: int, remaining: int) -> int:
         """Rows of the next canvas: C, or for adaptive canvases the tokens still wanted rounded up to
@@ -72,11 +76,13 @@ MODES = {
     "reference": FastMode("reference"),
     # monotone commit only: the trunk still runs on every row (no stale K/V)
     "freeze": FastMode("freeze", freeze_entropy=0.05),
-    # + frozen rows leave the trunk (stale K/V), except every 4th step, which runs every row: never
-    # refreshing cost 8 points of Sudoku cell accuracy, refreshing every 4th step 1.4 (docs/fast_path.md)
+    # monotone commit, + frozen rows leave the trunk (stale K/V), except every 4th step, which runs
+    # every row: never refreshing cost 8 points of Sudoku cell accuracy, every 4th step 1.4
     "compact": FastMode("compact", freeze_entropy=0.05, compact=True, refresh_every=4),
-    # + top-k head and self-conditioning, EOS tail cut, prefix-stable exit
-    # a freezing schedule that ends every canvas within 16 steps, the trunk still on every row
+    # compact, + frozen positions count as settled (entropy 0) in the acceptance, which gives back
+    # the steps that freezing costs (2.3x the reference's on a sort checkpoint; docs/fast_path.md)
+    "settled": FastMode("settled", freeze_entropy=0.05, compact=True, refresh_every=4, settle_frozen=True),
+    # monotone commit, + a freezing schedule that ends every canvas within 16 steps (trunk on every row)
     "scheduled": FastMode("scheduled", freeze_entropy=0.05, target_steps=16),
     # + compaction, + a freezing schedule that ends every canvas within 16 steps, the top-k head and
     # self-conditioning, EOS tail cut, prefix-stable exit, adaptive canvas
@@ -86,14 +92,38 @@ MODES = {
 
 
 def get_mode(mode) -> FastMode:
+    """A FastMode, a mode name, or a name with knobs: "compact+refresh_every=8+settle_frozen=1"
+    (values are integers, floats, 0/1 for flags, or none)."""
     if isinstance(mode, FastMode):
         return mode
     if mode is None:
         return MODES["reference"]
+    name, *knobs = str(mode).split("+")
+    if name not in MODES:
+        raise ValueError(f"unknown mode {name!r}; choose one of {', '.join(MODES)}")
+    if not knobs:
+        return MODES[name]
+    known = {f.name: f for f in fields(FastMode) if f.name != "name"}
+    changes = {}
+    for knob in knobs:
+        key, sep, value = knob.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"mode {mode!r}: {knob!r} is not knob=value with a FastMode knob ({', '.join(known)})")
+        changes[key] = _knob_value(mode, key, value, known[key].type)
+    return replace(MODES[name], name=str(mode), **changes)
+
+
+def _knob_value(mode, key: str, value: str, annotation: str):
+    if value.lower() == "none" and "None" in str(annotation):
+        return None
     try:
-        return MODES[mode]
-    except KeyError:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}") from None
+        if str(annotation).startswith("bool"):
+            if value not in ("0", "1"):
+                raise ValueError
+            return value == "1"
+        return float(value) if str(annotation).startswith("float") else int(value)
+    except ValueError:
+        raise ValueError(f"mode {mode!r}: {key}={value!r} is not a valid {annotation}") from None
 
 
 def _bucket(n: int, smallest: int, C: int, multiple: int | None = None) -> int:
@@ -137,17 +167,18 @@ def denoise_canvas_fast(
     kv = None  # per layer (k, v) [1, kv_heads, C, D] of every canvas row, as last computed
     previous = None  # last step's argmax, for the prefix-stable exit
     row_passes = 0
+    end = C  # with drop_tail, rows from here on have left the canvas: no trunk, head or attention
 
     while not state.exhausted:
-        active = np.flatnonzero(~frozen)
+        active = np.flatnonzero(~frozen[:end])
         refresh = mode.refresh_every and state.steps % mode.refresh_every == 0
         if mode.compact and kv is not None and not refresh:
-            n = _bucket(len(active), mode.min_bucket, C, mode.bucket_multiple)
+            n = _bucket(len(active), mode.min_bucket, end, mode.bucket_multiple)
             # pad with frozen rows up to a bucket size so shapes repeat (their K/V get refreshed)
-            rows = np.sort(np.concatenate([active, np.flatnonzero(frozen)[: n - len(active)]]))
+            rows = np.sort(np.concatenate([active, np.flatnonzero(frozen[:end])[: n - len(active)]]))
         else:
-            rows = np.arange(C)
-        ctx = np.setdiff1d(np.arange(C), rows, assume_unique=True)
+            rows = np.arange(end)
+        ctx = np.setdiff1d(np.arange(end), rows, assume_unique=True)
         row_passes += len(rows)
 
         rows_mx = mx.array(rows)
@@ -213,9 +244,11 @@ def denoise_canvas_fast(
             if mode.target_steps:
                 _freeze_on_schedule(frozen, entropy[0], mode.target_steps - state.steps)
             if mode.eos_tail_cut:
-                hits = np.flatnonzero(frozen & np.isin(argmax[0], eos))
+                hits = np.flatnonzero(frozen[:end] & np.isin(argmax[0, :end], eos))
                 if len(hits):
                     frozen[hits[0] + 1 :] = True  # after a settled EOS everything becomes pad
+                    if mode.drop_tail is not None:
+                        end = min(end, hits[0] + 1 + mode.drop_tail)
         state.canvas[:, frozen] = argmax[:, frozen]  # frozen rows are never re-noised
 
         if on_step is not None:

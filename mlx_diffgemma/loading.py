@@ -13,8 +13,9 @@ from .config import ConfigError, load_configs
 from .model import DiffusionGemma
 from .names import sanitize
 
-# models shipped inside the package (mlx_diffgemma/models/NAME), loadable by name
-BUNDLED = ("sudoku",)
+# models shipped inside the package (mlx_diffgemma/models/NAME), loadable by name: the Sudoku demo
+# and the sort model that measures the fast path on answers shorter than a canvas
+BUNDLED = ("sudoku", "sort")
 
 # what a text-only load needs from a hub repo (the vision tower lives in the same shards)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]

@@ -40,7 +40,7 @@ The config file (YAML or JSON):
     lora: null                    # or {rank: 8, scale: 20.0, keys: [q_proj, ...]}
     save_every: 500
     log_every: 20
-    data: {...}                   # task options (sudoku: givens curriculum)
+    data: {...}                   # task options (sudoku: givens curriculum; sort: list lengths)
 """
 
 from __future__ import annotations
@@ -203,14 +203,45 @@ class SudokuTask:
         return self.sudoku.prompt_batch(puzzles), self.sudoku.canvas_ids(grids)
 
     def save_tokenizer(self, out: Path) -> None:
-        write_sudoku_tokenizer(out)
+        write_char_tokenizer(out)
 
 
-TASKS = {"sudoku": SudokuTask}
+class SortTask:
+    """Batches of (prompt ids [B, 49], canvas target ids [B, 128]) for sorting random digit lists
+    of `length_min`..`length_max` digits (mlx_diffgemma.sorting): answers of every length, most of
+    the canvas EOS tail."""
+
+    defaults = dict(length_min=1, length_max=48)
+
+    def __init__(self, cfg: TrainConfig):
+        from . import sorting
+
+        self.sorting = sorting
+        unknown = set(cfg.data) - set(self.defaults)
+        if unknown:
+            raise TrainError(f"data: unknown sort option(s) {', '.join(sorted(unknown))}")
+        self.opts = {**self.defaults, **cfg.data}
+        lo, hi = self.opts["length_min"], self.opts["length_max"]
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= sorting.WIDTH):
+            raise TrainError(f"data: length_min..length_max must lie in 1..{sorting.WIDTH}, got {lo}..{hi}")
+        canvas = (cfg.model or {}).get("canvas_length", sorting.CANVAS)
+        if canvas != sorting.CANVAS:
+            raise TrainError(f"model.canvas_length is {canvas}; the sort task fills a {sorting.CANVAS}-row canvas")
+        self.cfg = cfg
+
+    def batch(self, step: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        lists = self.sorting.random_lists(rng, self.cfg.batch_size, (self.opts["length_min"], self.opts["length_max"]))
+        return self.sorting.prompt_batch(lists), self.sorting.canvas_ids(lists)
+
+    def save_tokenizer(self, out: Path) -> None:
+        write_char_tokenizer(out)
 
 
-def write_sudoku_tokenizer(out: Path) -> None:
-    """The bundled model's tokenizer: one token per character (digits, '.', newline) plus
+TASKS = {"sudoku": SudokuTask, "sort": SortTask}
+
+
+def write_char_tokenizer(out: Path) -> None:
+    """The small models' tokenizer: one token per character (digits, '.', newline) plus
     Gemma's special tokens at the same low ids (pad 0, eos 1, bos 2, unk 3)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -233,6 +233,31 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert "| compact |" in files[0].with_suffix(".md").read_text()
 
 
+def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypatch):
+    """A sort model (two training steps: the shapes are what matter) through the gate: committed
+    tokens are each list's length + 1, so the reference's row-passes per token are
+    steps x 128 / (mean length + 1), and a list's group is its length bucket."""
+    from benchmarks import fast_path
+    from mlx_diffgemma import sorting
+    from mlx_diffgemma.train import TrainConfig, train
+
+    cfg = TrainConfig.from_file(ROOT / "training" / "sort.yaml")
+    cfg.out_dir, cfg.steps, cfg.save_every, cfg.warmup_steps = str(tmp_path / "run"), 2, 2, 1
+    ckpt = train(cfg, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(fast_path, "RESULTS", tmp_path)
+    fast_path.main(["--task", "sort", "--model", str(ckpt), "--puzzles", "2", "--lengths", "3", "14",
+                    "--modes", "freeze"])
+    doc = json.loads(next(tmp_path.glob("fast_path-*.json")).read_text())
+    rows = {r["mode"]: r for r in doc["rows"]}
+    lists = sorting.list_set(doc["puzzle_seed"], 2, (3, 14))
+    committed = sum(len(x) + 1 for x in lists)
+    ref = rows["reference"]
+    assert ref["row_passes_per_token"] == round(ref["mean_steps"] * 2 * sorting.CANVAS / committed, 3)
+    assert set(ref["by_group"]) <= {"1-12", "13-24"}
+    assert sum(g["items"] for g in ref["by_group"].values()) == 2
+    assert "| freeze |" in next(tmp_path.glob("fast_path-*.md")).read_text()
+
+
 def test_sudoku_eval_takes_sampler_overrides(tmp_path, monkeypatch, capsys):
     from benchmarks import sudoku_eval
     from mlx_diffgemma.loading import resolve

@@ -50,7 +50,7 @@ def test_fast_loop_without_departures_reproduces_the_reference(sharp):
     assert same.stats.steps_per_canvas == ref.stats.steps_per_canvas
 
 
-@pytest.mark.parametrize("name", ["freeze", "compact", "turbo"])
+@pytest.mark.parametrize("name", ["freeze", "compact", "settled", "turbo"])
 def test_modes_do_less_trunk_work(sharp, name):
     model, tok = sharp
     kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
@@ -146,3 +146,84 @@ def test_rescore_frozen_refreshes_entropy_not_tokens(sharp, monkeypatch, rescore
         np.testing.assert_array_equal(a1[kept], a0[kept])  # frozen tokens never change
         changed += int((e1[kept] != e0[kept]).sum())
     assert (changed > 0) == rescore  # only rescoring gives frozen rows a new entropy
+
+
+class Oracle:
+    """A stand-in model whose logits point at a fixed target canvas: row i's hidden state is i.
+    Rows holding EOS are sure from the first step; the answer rows only from `sure_from` calls on.
+    It records (rows run, context rows) of every trunk pass."""
+
+    def __init__(self, target, vocab_size=16, sure_from=2):
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace(canvas_length=len(target), vocab_size=vocab_size, final_logit_softcapping=None)
+        self.target = np.asarray(target)
+        self.eos_rows = mx.array(self.target == 1)
+        self.sure_from, self.heads, self.passes = sure_from, 0, []
+
+    def denoise_hidden(self, x, cache, soft, positions=None, context=None, collect_kv=False):
+        rows = mx.arange(x.shape[1]) if positions is None else positions - cache.offset
+        self.passes.append((x.shape[1], 0 if context is None else context[0][0].shape[2]))
+        h = rows.astype(mx.float32)[None, :, None]
+        return (h, [(h[:, None], h[:, None])]) if collect_kv else h
+
+    def logits(self, h):
+        rows = h[..., 0].astype(mx.int32)
+        onehot = mx.array(np.eye(self.config.vocab_size, dtype=np.float32)[self.target])[rows]
+        sure = mx.logical_or(self.eos_rows[rows], self.heads >= self.sure_from)[..., None]
+        self.heads += 1
+        return mx.where(sure, 40.0, 1.0) * onehot
+
+    def soft_embeds(self, z):
+        return mx.zeros((*z.shape[:2], 1))
+
+
+def run_oracle(mode, target):
+    from types import SimpleNamespace
+
+    from mlx_diffgemma.config import GenerationConfig
+    from mlx_diffgemma.fast import denoise_canvas_fast
+    from mlx_diffgemma.sampler import NoiseSource
+
+    model = Oracle(target)
+    gen = GenerationConfig(max_denoising_steps=8, eos_token_id=[1])
+    out = denoise_canvas_fast(model, SimpleNamespace(offset=7), gen, NoiseSource(0, 16), 0, mode)
+    return model.passes, out
+
+
+TARGET = [4, 5, 6, 7, 8] + [1] * 11  # five answer rows, then EOS
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("keep", [0, 3])
+def test_drop_tail_removes_the_rows_after_a_settled_eos(compact, keep):
+    """Once the EOS at row 5 is frozen, later passes run (and attend to) rows 0-5 and `keep` more."""
+    mode = FastMode("t", freeze_entropy=0.05, compact=compact, eos_tail_cut=True, drop_tail=keep)
+    passes, out = run_oracle(mode, TARGET)
+    assert passes[0] == (16, 0)  # the first pass runs the whole canvas
+    assert all(rows + ctx == 6 + keep for rows, ctx in passes[1:]) and len(passes) >= 3, passes
+    assert out.row_passes == sum(rows for rows, _ in passes)
+    np.testing.assert_array_equal(out.argmax[0, :6], TARGET[:6])
+
+
+def test_eos_tail_cut_keeps_the_tail_in_the_attention():
+    # compaction without refresh: the frozen tail leaves the trunk but every pass still attends to it
+    mode = FastMode("t", freeze_entropy=0.05, compact=True, eos_tail_cut=True)
+    passes, out = run_oracle(mode, TARGET)
+    assert passes[0] == (16, 0) and all(rows < 16 and rows + ctx == 16 for rows, ctx in passes[1:]), passes
+    np.testing.assert_array_equal(out.argmax[0, :6], TARGET[:6])
+    # without compaction every pass runs the whole canvas
+    passes, _ = run_oracle(MODES["freeze"], TARGET)
+    assert all(rows == 16 for rows, _ in passes)
+
+
+def test_mode_knobs_from_a_string():
+    m = get_mode("compact+refresh_every=8+settle_frozen=1+drop_tail=none+freeze_entropy=0.1")
+    assert m == replace(MODES["compact"], name=m.name, refresh_every=8, settle_frozen=True, freeze_entropy=0.1)
+    assert m.name == "compact+refresh_every=8+settle_frozen=1+drop_tail=none+freeze_entropy=0.1"
+    assert get_mode("freeze+drop_tail=2").drop_tail == 2
+    for bad, culprit in [("compact+warp=1", "'warp=1' is not knob=value"), ("compact+refresh_every", "not knob=value"),
+                         ("compact+compact=yes", "compact='yes' is not a valid bool"),
+                         ("compact+refresh_every=x", "refresh_every='x'"), ("warp+compact=1", "unknown mode 'warp'")]:
+        with pytest.raises(ValueError, match=culprit):
+            get_mode(bad)

@@ -180,3 +180,31 @@ def test_bad_generation_section_on_a_checkpoint_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.strip().splitlines() == [err.strip()] and "generation: need 0 <= t_min < t_max" in err
         assert not (tmp_path / "ft").exists()
+
+
+def test_sort_task_batches_sorted_answers_then_eos(tmp_path):
+    from mlx_diffgemma import sorting
+
+    cfg = tiny(tmp_path, task="sort", model={**TINY_MODEL, "canvas_length": sorting.CANVAS},
+               data={"length_min": 3, "length_max": 9})
+    prompt, target = TASKS["sort"](cfg).batch(0, np.random.default_rng(0))
+    assert prompt.shape == (4, 1 + sorting.WIDTH) and target.shape == (4, sorting.CANVAS)
+    for p, t in zip(prompt, target):
+        digits = p[1:][p[1:] != sudoku.DOT] - sudoku.DIGIT0
+        assert 3 <= len(digits) <= 9 and (p[1 + len(digits):] == sudoku.DOT).all()
+        assert sorting.is_sorted_answer(digits, t) and (t[len(digits):] == sudoku.EOS).all()
+
+
+@pytest.mark.parametrize("data, model, culprit", [
+    ({"length_min": 0}, None, "length_min..length_max"),
+    ({"length_max": 49}, None, "length_min..length_max"),
+    ({"lengths": 3}, None, "unknown sort option"),
+    ({}, {**TINY_MODEL, "canvas_length": 81}, "128-row canvas"),
+])
+def test_sort_task_bad_options_name_the_culprit(tmp_path, data, model, culprit):
+    from mlx_diffgemma import sorting
+
+    cfg = tiny(tmp_path, task="sort", model=model or {**TINY_MODEL, "canvas_length": sorting.CANVAS}, data=data)
+    with pytest.raises(TrainError, match=culprit):
+        TASKS["sort"](cfg)
+
