@@ -197,7 +197,7 @@ def write(table, args, items) -> Path:
         )
     groups = list(table[0]["by_group"])
     lines += ["", f"By {grp}: {ex} rate, row-passes ÷ and wall time ÷ against the reference", "",
-              f"| mode | " + " | ".join(f"{g} ({table[0]['by_group'][g]['items']})" for g in groups) + " |",
+              "| mode | " + " | ".join(f"{g} ({table[0]['by_group'][g]['items']})" for g in groups) + " |",
               "|---|" + "---|" * len(groups)]
     for r in table:
         cells = [f"{b['exact']:.2f}, {b['row_pass_reduction']}x, {b['wall_time_reduction']}x"

@@ -18,16 +18,17 @@ position every step; these modes stop paying for positions that are already deci
 - EOS tail cut (`eos_tail_cut`): once a frozen position holds an EOS, the rows after it are frozen
   too (they become pad at the commit); with compaction they leave the trunk, but stay in the
   attention as K/V refreshed on refresh steps. `drop_tail` removes them from the canvas altogether;
-  on the sort model that cost 3-5 points of answer tokens (docs/fast_path.md), so no mode uses it;
+  on the sort model that cost 21 points of exact answers (docs/fast_path.md), so no mode uses it;
 - prefix-stable exit (`prefix_exit`): the canvas stops when the argmax up to the first EOS is stable
   and confident, ignoring the padded tail;
 - adaptive canvas (`adaptive_canvas`): when fewer tokens are wanted than a canvas holds, the canvas
   shrinks to them (at least `min_canvas` rows), instead of denoising a whole canvas to throw away.
 
-Knobs no named mode turns on (measured in docs/fast_path.md; none reaches the gate on the Sudoku
-model): `settle_frozen` (frozen positions count as entropy 0 in the acceptance too, not only in the
-stop test), `rescore_frozen` (frozen rows the trunk ran also get the head, so their entropy is
-current; their tokens stay frozen) and `bucket_multiple` (finer active-set buckets).
+`settle_frozen` (frozen positions count as entropy 0 in the acceptance too, not only in the stop
+test) is the `settled` mode's one change to `compact`. Knobs no named mode turns on (measured in
+docs/fast_path.md; none reaches the gate): `rescore_frozen` (frozen rows the trunk ran also get the
+head, so their entropy is current; their tokens stay frozen), `bucket_multiple` (finer active-set
+buckets) and `drop_tail`. `get_mode("compact+refresh_every=8")` sets knobs from a string.
 """
 
 from __future__ import annotations

@@ -197,6 +197,22 @@ def denoise_canvas(
     return state.argmax, state.steps
 
 
+def denoise_prompts(model, prompts: np.ndarray, seed: int = 0, on_step: Callable | None = None,
+                    **overrides) -> np.ndarray:
+    """One canvas per prompt for a batch of equal-length prompts [B, P]: encode them, then run the
+    reference sampler until every row has stopped. Returns the argmax canvases [B, C] (rows stop
+    independently; EOS handling is the caller's). `overrides` change the generation config."""
+    ops = ops_for(model)
+    C = model.config.canvas_length
+    gen = model.generation_config.override(max_new_tokens=C, **overrides)
+    noise = NoiseSource(seed, model.config.vocab_size)
+    cache = model.make_cache()
+    model.encode(ops.asarray(np.asarray(prompts)), cache)
+    canvas = noise.initial_canvas(0, (len(prompts), C))
+    argmax, _ = denoise_canvas(model, cache, gen, noise, 0, on_step=on_step, canvas=canvas)
+    return np.asarray(argmax)
+
+
 def stream_generate(
     model,
     tokenizer,

@@ -75,16 +75,8 @@ def is_sorted_answer(lst, tokens) -> bool:
 def sort_batch(model, lists, seed: int = 0, **overrides) -> np.ndarray:
     """Lists -> [B, CANVAS] committed canvases from the reference sampler, all rows denoised
     together (rows stop independently); `answer` and `is_sorted_answer` read them."""
-    from .generate import denoise_canvas, ops_for
-    from .sampler import NoiseSource
+    from .generate import denoise_prompts
 
     if model.config.canvas_length != CANVAS:
         raise ValueError(f"a sort model has canvas_length {CANVAS}, this one has {model.config.canvas_length}")
-    ops = ops_for(model)
-    gen = model.generation_config.override(max_new_tokens=CANVAS, **overrides)
-    noise = NoiseSource(seed, model.config.vocab_size)
-    cache = model.make_cache()
-    model.encode(ops.asarray(prompt_batch(lists)), cache)
-    canvas = noise.initial_canvas(0, (len(lists), CANVAS))
-    argmax, _ = denoise_canvas(model, cache, gen, noise, 0, canvas=canvas)
-    return np.asarray(argmax)
+    return denoise_prompts(model, prompt_batch(lists), seed, **overrides)

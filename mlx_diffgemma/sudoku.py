@@ -298,20 +298,12 @@ def solve(model, puzzle, seed: int = 0, on_step=None, **overrides) -> np.ndarray
 
 def solve_batch(model, puzzles: np.ndarray, seed: int = 0, on_step=None, **overrides) -> np.ndarray:
     """[B, 81] puzzles -> [B, 81] digits, all rows denoised together (rows stop independently)."""
-    from .generate import denoise_canvas, ops_for
-    from .sampler import NoiseSource
+    from .generate import denoise_prompts
 
     if model.config.canvas_length != CELLS:
         raise ValueError(f"a Sudoku model has canvas_length 81, this one has {model.config.canvas_length}")
-    ops = ops_for(model)
-    gen = model.generation_config.override(max_new_tokens=CELLS, **overrides)
-    noise = NoiseSource(seed, model.config.vocab_size)
-    cache = model.make_cache()
-    model.encode(ops.asarray(prompt_batch(puzzles)), cache)
-    canvas = noise.initial_canvas(0, (len(puzzles), CELLS))
     cb = None if on_step is None else (lambda step, result: on_step(step, canvas_digits(result.argmax)))
-    argmax, _ = denoise_canvas(model, cache, gen, noise, 0, on_step=cb, canvas=canvas)
-    return canvas_digits(argmax)
+    return canvas_digits(denoise_prompts(model, prompt_batch(puzzles), seed, cb, **overrides))
 
 
 def solve_tries(model, puzzles: np.ndarray, tries: int, seed: int = 0, on_step=None, **overrides):

@@ -162,6 +162,14 @@ class TrainConfig:
 # -- data --------------------------------------------------------------------------------------
 
 
+def task_options(cfg: TrainConfig, defaults: dict, task: str) -> dict:
+    """The config's `data:` section over a task's defaults; an unknown option is a TrainError."""
+    unknown = set(cfg.data) - set(defaults)
+    if unknown:
+        raise TrainError(f"data: unknown {task} option(s) {', '.join(sorted(unknown))}")
+    return {**defaults, **cfg.data}
+
+
 class SudokuTask:
     """Batches of (prompt ids [B, 82], canvas target ids [B, 81]) from the seeded generator:
     a pool of backtracked grids, shuffled by validity-preserving symmetries, dug to a number of
@@ -174,10 +182,7 @@ class SudokuTask:
         from . import sudoku
 
         self.sudoku = sudoku
-        unknown = set(cfg.data) - set(self.defaults)
-        if unknown:
-            raise TrainError(f"data: unknown sudoku option(s) {', '.join(sorted(unknown))}")
-        self.opts = {**self.defaults, **cfg.data}
+        self.opts = task_options(cfg, self.defaults, "sudoku")
         self.cfg = cfg
         self._pool = None
 
@@ -217,10 +222,7 @@ class SortTask:
         from . import sorting
 
         self.sorting = sorting
-        unknown = set(cfg.data) - set(self.defaults)
-        if unknown:
-            raise TrainError(f"data: unknown sort option(s) {', '.join(sorted(unknown))}")
-        self.opts = {**self.defaults, **cfg.data}
+        self.opts = task_options(cfg, self.defaults, "sort")
         lo, hi = self.opts["length_min"], self.opts["length_max"]
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= sorting.WIDTH):
             raise TrainError(f"data: length_min..length_max must lie in 1..{sorting.WIDTH}, got {lo}..{hi}")
