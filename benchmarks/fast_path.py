@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from mlx_diffgemma import load, sorting, sudoku
 from mlx_diffgemma.fast import MODES, denoise_canvas_fast, get_mode
 from mlx_diffgemma.files import write_text_atomic
 from mlx_diffgemma.generate import denoise_canvas
+from mlx_diffgemma.loading import LoadError
 from mlx_diffgemma.sampler import NoiseSource
 
 RESULTS = Path(__file__).parent / "results"
@@ -105,8 +107,7 @@ def _stderr(x: np.ndarray) -> float:
     return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def run(model_path: str, items, seed: int, modes: list[str]) -> list[dict]:
-    model, _ = load(model_path)
+def run(model, items, seed: int, modes: list[str]) -> list[dict]:
     gen = model.generation_config.override(max_new_tokens=model.config.canvas_length)
     n = len(items)
     # warm-up, so the first mode does not pay for compilation and allocation
@@ -208,9 +209,7 @@ def write(table, args, items) -> Path:
     return out
 
 
-def main(argv=None):
-    import sys
-
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), default="sudoku")
     p.add_argument("--model", default=None, help="model directory or bundled name (default: the task's name)")
@@ -227,22 +226,24 @@ def main(argv=None):
     args.model = args.model or args.task
     args.bounds = tuple(args.bounds or default_bounds)
     modes = [m for m in args.modes.split(",") if m]
-    for m in modes:
-        try:
+    try:
+        for m in modes:
             get_mode(m)
-        except ValueError as e:
-            p.error(str(e))
+        if args.puzzles < 2:
+            raise ValueError(f"--puzzles {args.puzzles}: need at least 2 items for a standard error")
+        items = cls(args.puzzles, args.bounds, args.puzzle_seed)
+        model, _ = load(args.model)
+    except (ValueError, LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if "reference" not in modes:
         modes.insert(0, "reference")
-    try:
-        items = cls(args.puzzles, args.bounds, args.puzzle_seed)
-    except ValueError as e:
-        p.error(str(e))
-    table = run(args.model, items, args.seed, modes)
+    table = run(model, items, args.seed, modes)
     out = write(table, args, items)
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

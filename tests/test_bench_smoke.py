@@ -258,6 +258,21 @@ def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypa
     assert "| freeze |" in next(tmp_path.glob("fast_path-*.md")).read_text()
 
 
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--modes", "warp"], "unknown mode 'warp'"),
+    (["--modes", "compact+refresh_every=x"], "refresh_every='x'"),
+    (["--task", "sort", "--lengths", "0", "5"], "1..48"),
+    (["--puzzles", "1"], "at least 2 items"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_fast_path_bad_input_is_one_line(capsys, argv, culprit):
+    from benchmarks import fast_path
+
+    assert fast_path.main(argv) == 2
+    err = capsys.readouterr().err
+    assert culprit in err and err.count("\n") == 1, err
+
 def test_sudoku_eval_takes_sampler_overrides(tmp_path, monkeypatch, capsys):
     from benchmarks import sudoku_eval
     from mlx_diffgemma.loading import resolve
