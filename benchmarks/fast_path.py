@@ -24,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from benchmarks.machine import record as machine_record
+from benchmarks.sudoku_eval import mean_stderr, per_puzzle
 from mlx_diffgemma import load, sorting, sudoku
 from mlx_diffgemma.fast import MODES, denoise_canvas_fast, get_mode
 from mlx_diffgemma.files import write_text_atomic
@@ -49,8 +50,8 @@ class SudokuItems:
         return sudoku.prompt_ids(self.puzzles[i])
 
     def score(self, i: int, tokens: np.ndarray) -> tuple[bool, float]:
-        digits, blanks = sudoku.canvas_digits(tokens), self.puzzles[i] == 0
-        return sudoku.is_solution(self.puzzles[i], digits), float((digits == self.solutions[i])[blanks].mean())
+        solved, right = per_puzzle(self.puzzles[i : i + 1], self.solutions[i : i + 1], sudoku.canvas_digits(tokens)[None])
+        return bool(solved[0]), float(right[0])
 
     def committed(self, i: int) -> int:
         return sudoku.CELLS
@@ -103,10 +104,6 @@ def run_one(model, prompt: list[int], seed: int, mode: str, gen):
     return np.asarray(argmax)[0], steps, rows
 
 
-def _stderr(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
-
-
 def run(model, items, seed: int, modes: list[str]) -> list[dict]:
     gen = model.generation_config.override(max_new_tokens=model.config.canvas_length)
     n = len(items)
@@ -136,7 +133,10 @@ def run(model, items, seed: int, modes: list[str]) -> list[dict]:
     table = []
     for mode, m in runs.items():
         rate = m["exact"].mean()
-        diff = m["accuracy"] - ref["accuracy"]
+        accuracy = mean_stderr(m["accuracy"])
+        # paired: the same items and seeds, so the per-item difference has its own noise
+        accuracy_diff = mean_stderr(m["accuracy"] - ref["accuracy"])
+        exact_diff = mean_stderr(m["exact"] - ref["exact"])
         by_group = {}
         for g in sorted(set(groups), key=lambda g: int(g.split("-")[0])):
             sel = groups == g
@@ -152,13 +152,12 @@ def run(model, items, seed: int, modes: list[str]) -> list[dict]:
             "exact": round(float(rate), 4),
             "exact_stderr": round(math.sqrt(rate * (1 - rate) / n), 4),
             "disagree_with_reference": int((m["exact"] != ref["exact"]).sum()),
-            "accuracy": round(float(m["accuracy"].mean()), 4),
-            "accuracy_stderr": round(_stderr(m["accuracy"]), 4),
-            # paired: the same items and seeds, so the per-item difference has its own noise
-            "accuracy_minus_reference": round(float(diff.mean()), 4),
-            "accuracy_minus_reference_stderr": round(_stderr(diff), 4),
-            "exact_minus_reference": round(float((m["exact"] - ref["exact"]).mean()), 4),
-            "exact_minus_reference_stderr": round(_stderr(m["exact"] - ref["exact"]), 4),
+            "accuracy": accuracy["mean"],
+            "accuracy_stderr": accuracy["stderr"],
+            "accuracy_minus_reference": accuracy_diff["mean"],
+            "accuracy_minus_reference_stderr": accuracy_diff["stderr"],
+            "exact_minus_reference": exact_diff["mean"],
+            "exact_minus_reference_stderr": exact_diff["stderr"],
             "mean_steps": round(float(m["steps"].mean()), 2),
             "row_passes_per_token": round(float(m["rows"].sum() / committed.sum()), 3),
             "ms_per_token": round(1e3 * float(m["wall"].sum() / committed.sum()), 4),

@@ -64,7 +64,7 @@ def per_puzzle(puzzles, solutions, grids) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mean_stderr(d: np.ndarray) -> dict:
-    """Mean of per-puzzle differences and its standard error."""
+    """Mean of per-puzzle values (or paired differences) and its standard error."""
     return {"mean": round(float(d.mean()), 4), "stderr": round(float(d.std(ddof=1) / math.sqrt(len(d))), 4)}
 
 
