@@ -212,11 +212,18 @@ class SudokuTask:
 
 
 class SortTask:
-    """Batches of (prompt ids [B, 49], canvas target ids [B, 128]) for sorting random digit lists
-    of `length_min`..`length_max` digits (mlx_diffgemma.sorting): answers of every length, most of
-    the canvas EOS tail."""
+    """Batches of (prompt ids, canvas target ids) for sorting random digit lists of
+    `length_min`..`length_max` digits (mlx_diffgemma.sorting): answers of every length, most of the
+    canvas EOS tail.
 
-    defaults = dict(length_min=1, length_max=48)
+    With the default `canvas_lengths: [128]` a batch is prompts [B, 49] and whole canvases [B, 128].
+    Listing shorter lengths trains the block-autoregressive loop on short canvases too: a batch
+    draws one canvas length c and a block index k, its prompts carry the first k*c answer tokens as
+    already committed (the loop re-encodes a commit into the cache), and its targets are the next c
+    rows. Only lists whose answer has not ended before the block are drawn (the loop stops at a
+    committed EOS), so a block may start with the EOS, never after it."""
+
+    defaults = dict(length_min=1, length_max=48, canvas_lengths=[128])
 
     def __init__(self, cfg: TrainConfig):
         from . import sorting
@@ -226,14 +233,27 @@ class SortTask:
         lo, hi = self.opts["length_min"], self.opts["length_max"]
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi <= sorting.WIDTH):
             raise TrainError(f"data: length_min..length_max must lie in 1..{sorting.WIDTH}, got {lo}..{hi}")
+        lengths = self.opts["canvas_lengths"]
+        if not (isinstance(lengths, list) and lengths
+                and all(isinstance(c, int) and 1 <= c <= sorting.CANVAS for c in lengths)):
+            raise TrainError(f"data: canvas_lengths must be a list of row counts in 1..{sorting.CANVAS}, got {lengths!r}")
         canvas = (cfg.model or {}).get("canvas_length", sorting.CANVAS)
         if canvas != sorting.CANVAS:
             raise TrainError(f"model.canvas_length is {canvas}; the sort task fills a {sorting.CANVAS}-row canvas")
         self.cfg = cfg
 
     def batch(self, step: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        lists = self.sorting.random_lists(rng, self.cfg.batch_size, (self.opts["length_min"], self.opts["length_max"]))
-        return self.sorting.prompt_batch(lists), self.sorting.canvas_ids(lists)
+        lo, hi = self.opts["length_min"], self.opts["length_max"]
+        lengths = self.opts["canvas_lengths"]
+        if lengths == [self.sorting.CANVAS]:  # whole canvases (the draws the bundled model was trained on)
+            lists = self.sorting.random_lists(rng, self.cfg.batch_size, (lo, hi))
+            return self.sorting.prompt_batch(lists), self.sorting.canvas_ids(lists)
+        c = int(lengths[rng.integers(len(lengths))])
+        k = int(rng.integers(0, hi // c + 1))  # blocks already committed: k*c <= the answer's length
+        lists = self.sorting.random_lists(rng, self.cfg.batch_size, (max(lo, k * c), hi))
+        answers = self.sorting.canvas_ids(lists)
+        prompt = np.concatenate([self.sorting.prompt_batch(lists), answers[:, : k * c]], axis=1)
+        return prompt, answers[:, k * c : k * c + c]
 
     def save_tokenizer(self, out: Path) -> None:
         write_char_tokenizer(out)

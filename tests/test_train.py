@@ -195,10 +195,32 @@ def test_sort_task_batches_sorted_answers_then_eos(tmp_path):
         assert sorting.is_sorted_answer(digits, t) and (t[len(digits):] == sudoku.EOS).all()
 
 
+def test_sort_task_short_canvases_continue_the_committed_answer(tmp_path):
+    from mlx_diffgemma import sorting
+
+    cfg = tiny(tmp_path, task="sort", model={**TINY_MODEL, "canvas_length": sorting.CANVAS},
+               data={"canvas_lengths": [8, 16, 128]})
+    task, seen = TASKS["sort"](cfg), set()
+    for step in range(40):
+        prompt, target = task.batch(step, np.random.default_rng([0, step]))
+        c, done = target.shape[1], prompt.shape[1] - (1 + sorting.WIDTH)  # canvas rows, answer rows committed
+        assert c in (8, 16, 128) and done % c == 0 and (done == 0 or c < 128)
+        seen.add((c, done > 0))
+        for p, t in zip(prompt, target):
+            digits = p[1 : 1 + sorting.WIDTH][p[1 : 1 + sorting.WIDTH] != sudoku.DOT] - sudoku.DIGIT0
+            answer = sorting.canvas_ids([digits])[0]
+            assert len(digits) >= done  # the answer has not ended before this canvas
+            np.testing.assert_array_equal(p[1 + sorting.WIDTH :], answer[:done])
+            np.testing.assert_array_equal(t, answer[done : done + c])
+    assert {(8, True), (16, True), (128, False)} <= seen
+
+
 @pytest.mark.parametrize("data, model, culprit", [
     ({"length_min": 0}, None, "length_min..length_max"),
     ({"length_max": 49}, None, "length_min..length_max"),
     ({"lengths": 3}, None, "unknown sort option"),
+    ({"canvas_lengths": [0, 32]}, None, "canvas_lengths must be a list"),
+    ({"canvas_lengths": 32}, None, "canvas_lengths must be a list"),
     ({}, {**TINY_MODEL, "canvas_length": 81}, "128-row canvas"),
 ])
 def test_sort_task_bad_options_name_the_culprit(tmp_path, data, model, culprit):
