@@ -30,7 +30,7 @@ from mlx_diffgemma.fast import MODES, denoise_canvas_fast, get_mode
 from mlx_diffgemma.files import write_text_atomic
 from mlx_diffgemma.generate import denoise_canvas
 from mlx_diffgemma.loading import LoadError
-from mlx_diffgemma.sampler import NoiseSource
+from mlx_diffgemma.sampler import NoiseSource, finalize_block
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -90,18 +90,35 @@ TASKS = {"sudoku": (SudokuItems, (30, 45)), "sort": (SortItems, (1, sorting.WIDT
 
 
 def run_one(model, prompt: list[int], seed: int, mode: str, gen):
-    """(committed canvas [C], denoising steps, trunk row-passes) for one prompt under `mode`."""
+    """(committed tokens [canvas_length], denoising steps, trunk row-passes) for one prompt under
+    `mode`: canvases committed one after another, as the block loop does, until one holds an EOS or
+    the model's canvas_length tokens are committed (one canvas, unless a mode's canvases are shorter)."""
+    fast = get_mode(mode)
+    C = model.config.canvas_length
     cache = model.make_cache()
     model.encode(mx.array([prompt]), cache)
     mx.eval(cache.state())
     noise = NoiseSource(seed, model.config.vocab_size)
-    if mode == "reference":
-        argmax, steps = denoise_canvas(model, cache, gen, noise, 0)
-        rows = steps * model.config.canvas_length
-    else:
-        r = denoise_canvas_fast(model, cache, gen, noise, 0, get_mode(mode))
-        argmax, steps, rows = r.argmax, r.steps, r.row_passes
-    return np.asarray(argmax)[0], steps, rows
+    out, steps, rows, block = [], 0, 0, 0
+    while len(out) < C:
+        if block:
+            model.encode(mx.array(committed), cache)
+        if fast.is_reference:
+            argmax, s = denoise_canvas(model, cache, gen, noise, block)
+            r = s * C
+        else:
+            result = denoise_canvas_fast(model, cache, gen, noise, block, fast,
+                                         canvas_length=fast.canvas_length(C, C - len(out)))
+            argmax, s, r = result.argmax, result.steps, result.row_passes
+        argmax = np.asarray(argmax)
+        committed, finished = finalize_block(argmax, gen)
+        out.extend(argmax[0].tolist())  # as denoised: the scores read up to the first EOS
+        steps, rows, block = steps + s, rows + r, block + 1
+        if finished.all():
+            break
+    tokens = np.full(C, gen.pad_token_id, dtype=np.int64)  # pad after an early EOS, as a commit does
+    tokens[: min(C, len(out))] = out[:C]
+    return tokens, steps, rows
 
 
 def run(model, items, seed: int, modes: list[str]) -> list[dict]:

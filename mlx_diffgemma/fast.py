@@ -22,7 +22,11 @@ position every step; these modes stop paying for positions that are already deci
 - prefix-stable exit (`prefix_exit`): the canvas stops when the argmax up to the first EOS is stable
   and confident, ignoring the padded tail;
 - adaptive canvas (`adaptive_canvas`): when fewer tokens are wanted than a canvas holds, the canvas
-  shrinks to them (at least `min_canvas` rows), instead of denoising a whole canvas to throw away.
+  shrinks to them (at least `min_canvas` rows), instead of denoising a whole canvas to throw away;
+- short canvases (`block_rows`): every canvas has this many rows, committed one after another as the
+  block loop does, so a short answer pays for a short canvas and a long one for a few. It needs a
+  model trained on such blocks (the sort task's `canvas_lengths`); a model trained only on whole
+  canvases is not (docs/fast_path.md).
 
 `settle_frozen` (frozen positions count as entropy 0 in the acceptance too, not only in the stop
 test) is the `settled` mode's one change to `compact`. Knobs no named mode turns on (measured in
@@ -60,13 +64,19 @@ class FastMode:
     bucket_multiple: int | None = None  # pad active sets to multiples of this instead of powers of two
     rescore_frozen: bool = False  # frozen rows the trunk ran this step also get the head: a current entropy
     drop_tail: int | None = None  # with eos_tail_cut: rows this far past the settled EOS leave the canvas
+    block_rows: int | None = None  # canvases of this many rows instead of the model's canvas_length
+
+    def block_length(self, C: int) -> int:
+        """Rows per canvas before any adaptive shrinking: C, or `block_rows` when that is shorter."""
+        return min(C, self.block_rows) if self.block_rows else C
 
     def canvas_length(self, C: int, remaining: int) -> int:
-        """Rows of the next canvas: C, or for adaptive canvases the tokens still wanted rounded up to
-        a multiple of 8, at least `min_canvas`."""
+        """Rows of the next canvas: the block length, or for adaptive canvases the tokens still
+        wanted rounded up to a multiple of 8 when that is shorter (at least `min_canvas`)."""
+        rows = self.block_length(C)
         if not self.adaptive_canvas:
-            return C
-        return min(C, max(self.min_canvas, -(-remaining // 8) * 8))
+            return rows
+        return min(rows, max(self.min_canvas, -(-remaining // 8) * 8))
 
     @property
     def is_reference(self) -> bool:

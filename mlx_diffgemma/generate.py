@@ -379,7 +379,7 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
 
     fast = get_mode(mode)
     ops = ops_for(model)
-    C = model.config.canvas_length
+    C = fast.block_length(model.config.canvas_length)  # rows per canvas
     noise = NoiseSource(seed, model.config.vocab_size)
     cache = model.make_cache() if cache is None else cache
     blocks = math.ceil(gen.max_new_tokens / C)

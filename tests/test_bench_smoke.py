@@ -246,7 +246,7 @@ def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypa
     ckpt = train(cfg, progress=False, log=lambda *a: None)
     monkeypatch.setattr(fast_path, "RESULTS", tmp_path)
     fast_path.main(["--task", "sort", "--model", str(ckpt), "--puzzles", "2", "--lengths", "3", "14",
-                    "--modes", "freeze"])
+                    "--modes", "freeze,freeze+block_rows=16"])
     doc = json.loads(next(tmp_path.glob("fast_path-*.json")).read_text())
     rows = {r["mode"]: r for r in doc["rows"]}
     lists = sorting.list_set(doc["puzzle_seed"], 2, (3, 14))
@@ -256,6 +256,9 @@ def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypa
     assert set(ref["by_group"]) <= {"1-12", "13-24"}
     assert sum(g["items"] for g in ref["by_group"].values()) == 2
     assert "| freeze |" in next(tmp_path.glob("fast_path-*.md")).read_text()
+    # 16-row canvases, committed one after another until an EOS: at most 16 rows per step
+    short = rows["freeze+block_rows=16"]
+    assert short["row_passes_per_token"] <= round(short["mean_steps"] * 2 * 16 / committed, 3)
 
 
 

@@ -95,6 +95,19 @@ def test_adaptive_canvas_shrinks_the_last_canvas(gemma_checkpoint):
     assert len(ref.token_ids) == 64  # the reference always denoises whole canvases
 
 
+def test_short_canvases_are_committed_one_after_another(gemma_checkpoint):
+    model, tok = load(gemma_checkpoint[0])
+    C = model.config.canvas_length
+    mode = get_mode("settled+block_rows=8")
+    assert mode.block_length(C) == 8 and mode.canvas_length(C, 3) == 8 and MODES["settled"].block_length(C) == C
+    kw = dict(max_denoising_steps=4, seed=0, eos_token_id=[10**6])
+    done = list(stream_generate(model, tok, [2, 4, 40, 5], max_tokens=20, mode=mode, **kw))[-1]
+    assert len(done.token_ids) == 24 and done.stats.canvases == 3  # 20 wanted -> three 8-row canvases
+    assert done.stats.row_passes <= 8 * done.stats.denoise_steps
+    # longer than the model's canvas: the model's canvas length
+    assert get_mode("settled+block_rows=1000").block_length(C) == C
+
+
 def test_bucket_sizes():
     from mlx_diffgemma.fast import _bucket
 
