@@ -114,14 +114,15 @@ def main(argv=None) -> int:
     p.add_argument("--tries", type=int, default=1, help="also report solved within this many tries "
                    "(first valid grid of K noise draws, as `examples/sudoku.py --tries`)")
     p.add_argument("--modes", default="", help="also solve with these fast modes, comma-separated "
-                   "(mlx_diffgemma.fast.MODES; one puzzle at a time, puzzle i with seed + i)")
+                   "(mlx_diffgemma.fast.MODES, knobs allowed: compact+refresh_every=8; one puzzle at a time, "
+                   "puzzle i with seed + i)")
     p.add_argument("--out", default=None, help="result file stem (default: sudoku_eval-<stamp>)")
     args = p.parse_args(argv)
 
     from benchmarks.fast_path import run_one
     from benchmarks.machine import record as machine_record
     from mlx_diffgemma import sudoku
-    from mlx_diffgemma.fast import MODES
+    from mlx_diffgemma.fast import get_mode
     from mlx_diffgemma.files import write_text_atomic
     from mlx_diffgemma.loading import LoadError, load
 
@@ -132,9 +133,11 @@ def main(argv=None) -> int:
         print("error: need --puzzles >= 1 and 17 <= LO <= HI <= 81 for --givens", file=sys.stderr)
         return 2
     modes = [m for m in args.modes.split(",") if m and m != "reference"]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        print(f"error: unknown mode {unknown[0]!r} in --modes; choose from {', '.join(MODES)}", file=sys.stderr)
+    try:
+        for m in modes:
+            get_mode(m)
+    except ValueError as e:
+        print(f"error: --modes: {e}", file=sys.stderr)
         return 2
     tic = time.perf_counter()
     puzzles, solutions = sudoku.puzzle_set(args.puzzle_seed, args.puzzles, tuple(args.givens))

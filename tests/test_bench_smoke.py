@@ -164,7 +164,11 @@ def test_sudoku_eval_names_an_unknown_mode(capsys):
 
     assert sudoku_eval.main(["--puzzles", "1", "--modes", "warp"]) == 2
     err = capsys.readouterr().err
-    assert "unknown mode 'warp'" in err and "turbo" in err
+    assert "unknown mode 'warp'" in err and "turbo" in err and err.count("\n") == 1
+    # knobs as everywhere else a mode is named
+    assert sudoku_eval.main(["--puzzles", "1", "--modes", "compact+refresh_every=x"]) == 2
+    err = capsys.readouterr().err
+    assert "refresh_every='x'" in err and err.count("\n") == 1
 
 
 def test_step_cost_fits_a_line_through_its_measurements(tmp_path, monkeypatch):
