@@ -52,6 +52,7 @@ class RoPE:
 
     def __init__(self, spec: LayerSpec):
         self.dims = spec.head_dim
+        self.key = (spec.head_dim, spec.rope_type, spec.partial_rotary_factor, spec.rope_factor, spec.rope_theta)
         if spec.rope_type == "default" and spec.partial_rotary_factor == 1.0 and spec.rope_factor == 1.0:
             self.base, self.freqs = spec.rope_theta, None
         else:
@@ -67,15 +68,22 @@ class RoPE:
             x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset, freqs=self.freqs
         )
 
-    def at(self, x: mx.array, positions: mx.array) -> mx.array:
-        """RoPE at arbitrary positions [L] (x: [B, heads, L, D]), for a partial canvas pass."""
+    def at(self, x: mx.array, positions: mx.array, tables: dict | None = None) -> mx.array:
+        """RoPE at arbitrary positions [L] (x: [B, heads, L, D]), for a partial canvas pass.
+        `tables` keeps the cos / sin per rotation, so the layers of one pass build them once."""
         half = self.dims // 2
-        if self.freqs is None:
-            inv = mx.power(self.base, -2.0 * mx.arange(half, dtype=mx.float32) / self.dims)
-        else:
-            inv = 1.0 / self.freqs  # inf periods rotate by 0
-        angles = positions.astype(mx.float32)[:, None] * inv[None, :]
-        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        key = (self.key, x.dtype)
+        if tables is None or key not in tables:
+            if self.freqs is None:
+                inv = mx.power(self.base, -2.0 * mx.arange(half, dtype=mx.float32) / self.dims)
+            else:
+                inv = 1.0 / self.freqs  # inf periods rotate by 0
+            angles = positions.astype(mx.float32)[:, None] * inv[None, :]
+            cos_sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+            if tables is None:
+                tables = {}
+            tables[key] = cos_sin
+        cos, sin = tables[key]
         x1, x2 = x[..., :half], x[..., half:]
         return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
@@ -89,6 +97,7 @@ class Rows:
     positions: mx.array
     context: tuple[mx.array, mx.array] | None = None
     collect: list | None = None
+    rope_tables: dict | None = None  # shared by the layers of one pass (RoPE.at)
 
 
 class Attention(nn.Module):
@@ -117,7 +126,7 @@ class Attention(nn.Module):
         if rows is None:
             q, k = self.rope(q, offset), self.rope(k, offset)
         else:
-            q, k = self.rope.at(q, rows.positions), self.rope.at(k, rows.positions)
+            q, k = self.rope.at(q, rows.positions, rows.rope_tables), self.rope.at(k, rows.positions, rows.rope_tables)
         v = rms_norm(v_raw, None, self.eps).transpose(0, 2, 1, 3)
 
         if rows is not None:

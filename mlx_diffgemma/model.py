@@ -75,10 +75,11 @@ class DiffusionGemma(nn.Module):
         the per-layer (k, v) of the computed rows are returned too: (hidden, kv list)."""
         h = self.self_conditioning(self.embed(_as_batch(canvas)), soft_embeds)
         kv = [] if collect_kv else None
+        tables = {}  # RoPE cos / sin at `positions`, built once for every layer
         for i, layer in enumerate(self.layers):
             rows = None
             if positions is not None:
-                rows = Rows(positions, None if context is None else context[i], kv)
+                rows = Rows(positions, None if context is None else context[i], kv, tables)
             h = layer(h, cache[i], cache.offset, None, write=False, rows=rows)
         h = self.norm(h)
         return (h, kv) if collect_kv else h
