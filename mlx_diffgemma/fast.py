@@ -26,7 +26,8 @@ position every step; these modes stop paying for positions that are already deci
 - short canvases (`block_rows`): every canvas has this many rows, committed one after another as the
   block loop does, so a short answer pays for a short canvas and a long one for a few. It needs a
   model trained on such blocks (the sort task's `canvas_lengths`); a model trained only on whole
-  canvases is not (docs/fast_path.md).
+  canvases is not (docs/fast_path.md). With `scale_stop` such a canvas keeps a whole canvas'
+  entropy budget in the stable-and-confident stop (the same sum, not the same mean).
 
 `settle_frozen` (frozen positions count as entropy 0 in the acceptance too, not only in the stop
 test) is the `settled` mode's one change to `compact`. Knobs no named mode turns on (measured in
@@ -65,6 +66,7 @@ class FastMode:
     rescore_frozen: bool = False  # frozen rows the trunk ran this step also get the head: a current entropy
     drop_tail: int | None = None  # with eos_tail_cut: rows this far past the settled EOS leave the canvas
     block_rows: int | None = None  # canvases of this many rows instead of the model's canvas_length
+    scale_stop: bool = False  # a shorter canvas keeps a whole canvas' entropy budget in the stop test
 
     def block_length(self, C: int) -> int:
         """Rows per canvas before any adaptive shrinking: C, or `block_rows` when that is shorter."""
@@ -93,6 +95,10 @@ MODES = {
     # compact, + frozen positions count as settled (entropy 0) in the acceptance, which gives back
     # the steps that freezing costs (2.3x the reference's on a sort checkpoint; docs/fast_path.md)
     "settled": FastMode("settled", freeze_entropy=0.05, compact=True, refresh_every=4, settle_frozen=True),
+    # settled on 48-row canvases committed one after another, each stopping on a whole canvas'
+    # entropy budget; for models trained on short canvases (docs/fast_path.md)
+    "short": FastMode("short", freeze_entropy=0.05, compact=True, refresh_every=4, settle_frozen=True,
+                      block_rows=48, scale_stop=True),
     # monotone commit, + a freezing schedule that ends every canvas within 16 steps (trunk on every row)
     "scheduled": FastMode("scheduled", freeze_entropy=0.05, target_steps=16),
     # + compaction, + a freezing schedule that ends every canvas within 16 steps, the top-k head and
@@ -165,6 +171,12 @@ def denoise_canvas_fast(
 ) -> FastResult:
     """One canvas under `mode` (batch size 1)."""
     C = canvas_length or model.config.canvas_length
+    if mode.scale_stop and C < model.config.canvas_length:
+        # the reference stops when the mean entropy over its whole canvas is under the threshold:
+        # on a short answer the EOS tail's near-zero rows dilute that mean; a shorter canvas has
+        # less tail, so it keeps the same summed entropy instead of the same mean
+        scale = model.config.canvas_length / C
+        gen = gen.override(confidence_threshold=gen.confidence_threshold * scale)
     canvas = noise.initial_canvas(block, (1, C))
     state = BlockSampler(gen, noise, block, canvas)
     eos = np.asarray(gen.eos_token_id)

@@ -50,7 +50,7 @@ def test_fast_loop_without_departures_reproduces_the_reference(sharp):
     assert same.stats.steps_per_canvas == ref.stats.steps_per_canvas
 
 
-@pytest.mark.parametrize("name", ["freeze", "compact", "settled", "turbo"])
+@pytest.mark.parametrize("name", ["freeze", "compact", "settled", "short", "turbo"])
 def test_modes_do_less_trunk_work(sharp, name):
     model, tok = sharp
     kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
@@ -191,7 +191,7 @@ class Oracle:
         return mx.zeros((*z.shape[:2], 1))
 
 
-def run_oracle(mode, target):
+def run_oracle(mode, target, canvas_length=None):
     from types import SimpleNamespace
 
     from mlx_diffgemma.config import GenerationConfig
@@ -200,7 +200,8 @@ def run_oracle(mode, target):
 
     model = Oracle(target)
     gen = GenerationConfig(max_denoising_steps=8, eos_token_id=[1])
-    out = denoise_canvas_fast(model, SimpleNamespace(offset=7), gen, NoiseSource(0, 16), 0, mode)
+    out = denoise_canvas_fast(model, SimpleNamespace(offset=7), gen, NoiseSource(0, 16), 0, mode,
+                              canvas_length=canvas_length)
     return model.passes, out
 
 
@@ -240,3 +241,14 @@ def test_mode_knobs_from_a_string():
                          ("compact+refresh_every=x", "refresh_every='x'"), ("warp+compact=1", "unknown mode 'warp'")]:
         with pytest.raises(ValueError, match=culprit):
             get_mode(bad)
+
+
+@pytest.mark.parametrize("scale, rows, threshold", [(True, 4, 0.02), (False, 4, 0.005), (True, 16, 0.005)])
+def test_scale_stop_keeps_a_whole_canvas_entropy_budget(monkeypatch, scale, rows, threshold):
+    """On a canvas a quarter of the model's, the mean-entropy stop threshold is 4x (the same sum)."""
+    from mlx_diffgemma import fast
+
+    seen, sampler = [], fast.BlockSampler
+    monkeypatch.setattr(fast, "BlockSampler", lambda gen, *a: seen.append(gen.confidence_threshold) or sampler(gen, *a))
+    passes, _ = run_oracle(FastMode("t", freeze_entropy=0.05, scale_stop=scale), TARGET, canvas_length=rows)
+    assert seen == [pytest.approx(threshold)] and passes[0][0] == rows
