@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.machine import record as machine_record
 from benchmarks.sudoku_eval import mean_stderr, per_puzzle
 from mlx_diffgemma import load, sorting, sudoku
-from mlx_diffgemma.fast import MODES, denoise_canvas_fast, get_mode
+from mlx_diffgemma.fast import MODES, check_model, denoise_canvas_fast, get_mode
 from mlx_diffgemma.files import write_text_atomic
 from mlx_diffgemma.generate import denoise_canvas
 from mlx_diffgemma.loading import LoadError
@@ -249,6 +249,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--puzzles {args.puzzles}: need at least 2 items for a standard error")
         items = cls(args.puzzles, args.bounds, args.puzzle_seed)
         model, _ = load(args.model)
+        for m in modes:
+            check_model(get_mode(m), model)
     except (ValueError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

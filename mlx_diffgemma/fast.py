@@ -130,6 +130,23 @@ def get_mode(mode) -> FastMode:
     return replace(MODES[name], name=str(mode), **changes)
 
 
+def check_model(mode: FastMode, model) -> None:
+    """A mode with canvases shorter than the model's needs a model trained on such canvases: its
+    config.json lists them under `trained_canvas_lengths` (written by `mlx_diffgemma.train`). On a
+    model trained on whole canvases only they cost most of the quality (docs/fast_path.md)."""
+    C = model.config.canvas_length
+    rows = mode.block_length(C)
+    if rows == C:
+        return
+    trained = (getattr(model.config, "raw", None) or {}).get("trained_canvas_lengths") or [C]
+    if rows < min(trained):
+        raise ValueError(
+            f"mode {mode.name!r} denoises {rows}-row canvases, but this model was trained on canvases of "
+            f"{', '.join(map(str, sorted(trained)))} rows (config.json trained_canvas_lengths); use 'settled', "
+            "or a model trained with short canvases (data.canvas_lengths, training/sort_blocks.yaml)"
+        )
+
+
 def _knob_value(mode, key: str, value: str, annotation: str):
     if value.lower() == "none" and "None" in str(annotation):
         return None

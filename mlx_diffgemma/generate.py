@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .config import GenerationConfig
-from .fast import denoise_canvas_fast, get_mode
+from .fast import check_model, denoise_canvas_fast, get_mode
 from .kernels import head_statistics
 from .sampler import BlockSampler, NoiseSource, finalize_block
 from .tokenizer import Delta
@@ -378,6 +378,7 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
         raise ValueError("the prompt is empty")
 
     fast = get_mode(mode)
+    check_model(fast, model)
     ops = ops_for(model)
     C = fast.block_length(model.config.canvas_length)  # rows per canvas
     noise = NoiseSource(seed, model.config.vocab_size)

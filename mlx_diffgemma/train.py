@@ -207,6 +207,9 @@ class SudokuTask:
         puzzles = self.sudoku.dig(grids, givens, rng)
         return self.sudoku.prompt_batch(puzzles), self.sudoku.canvas_ids(grids)
 
+    def canvas_lengths(self, model) -> list[int]:
+        return [model.config.canvas_length]
+
     def save_tokenizer(self, out: Path) -> None:
         write_char_tokenizer(out)
 
@@ -254,6 +257,9 @@ class SortTask:
         answers = self.sorting.canvas_ids(lists)
         prompt = np.concatenate([self.sorting.prompt_batch(lists), answers[:, : k * c]], axis=1)
         return prompt, answers[:, k * c : k * c + c]
+
+    def canvas_lengths(self, model) -> list[int]:
+        return sorted(set(self.opts["canvas_lengths"]))
 
     def save_tokenizer(self, out: Path) -> None:
         write_char_tokenizer(out)
@@ -481,7 +487,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
     `on_step(step, loss, seconds)` sees every finished step (seconds: that step's wall time)."""
     task = TASKS[cfg.task](cfg)
     model, config_json, gen, tokenizer_src = build(cfg)
-    config_json = {**config_json, "objective": cfg.objective}
+    # what the fast path's short canvases check (fast.check_model)
+    config_json = {**config_json, "objective": cfg.objective, "trained_canvas_lengths": task.canvas_lengths(model)}
     if cfg.lora is not None:
         apply_lora(model, cfg.lora, cfg.seed)
     V = model.config.vocab_size

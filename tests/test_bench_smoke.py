@@ -247,7 +247,9 @@ def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypa
 
     cfg = TrainConfig.from_file(ROOT / "training" / "sort.yaml")
     cfg.out_dir, cfg.steps, cfg.save_every, cfg.warmup_steps = str(tmp_path / "run"), 2, 2, 1
+    cfg.data = {**cfg.data, "canvas_lengths": [16, 128]}  # short canvases too, for the short mode below
     ckpt = train(cfg, progress=False, log=lambda *a: None)
+    assert json.loads((ckpt / "config.json").read_text())["trained_canvas_lengths"] == [16, 128]
     monkeypatch.setattr(fast_path, "RESULTS", tmp_path)
     fast_path.main(["--task", "sort", "--model", str(ckpt), "--puzzles", "2", "--lengths", "3", "14",
                     "--modes", "freeze,freeze+block_rows=16"])
@@ -272,6 +274,7 @@ def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypa
     (["--task", "sort", "--lengths", "0", "5"], "1..48"),
     (["--puzzles", "1"], "at least 2 items"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--puzzles", "2", "--modes", "short"], "48-row canvases, but this model was trained on canvases of 81 rows"),
 ])
 def test_fast_path_bad_input_is_one_line(capsys, argv, culprit):
     from benchmarks import fast_path
