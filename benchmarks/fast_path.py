@@ -192,7 +192,7 @@ def write(table, args, items) -> Path:
     command = "python -m benchmarks.fast_path " + " ".join(args.argv)
     doc = {"benchmark": "fast_path", "command": command, "task": args.task, "model": args.model,
            "bounds": list(args.bounds), "seed": args.seed, "puzzle_seed": args.puzzle_seed,
-           "machine": machine_record(shared=True), "rows": table}
+           "machine": machine_record(shared=args.shared), "rows": table}
     write_text_atomic(out, json.dumps(doc, indent=2))
     ex, acc, grp = items.exact_label, items.accuracy_label, items.group_label
     lines = [
@@ -220,7 +220,9 @@ def write(table, args, items) -> Path:
         cells = [f"{b['exact']:.2f}, {b['row_pass_reduction']}x, {b['wall_time_reduction']}x"
                  for b in (r["by_group"][g] for g in groups)]
         lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Machine: {doc['machine'].get('cpu', '?')}; {doc['machine'].get('shared_note') or ''}"]
+    load = (doc["machine"].get("load_average_start") or [float("nan")])[0]
+    note = doc["machine"].get("shared_note") or f"no other benchmark on the CPU (1-minute load average {load:.2f} at the start)"
+    lines += ["", f"Machine: {doc['machine'].get('cpu', '?')}, {doc['machine'].get('cpu_count')} cores; {note}"]
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return out
 
@@ -234,6 +236,7 @@ def main(argv=None) -> int:
                    help="givens range (Sudoku, default 30 45) or list lengths (sort, default 1 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--puzzle-seed", type=int, default=20261127)
+    p.add_argument("--shared", action="store_true", help="other jobs share the CPU: the result says its timings are noisy")
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated modes; a mode may carry knobs, e.g. compact+refresh_every=8")
     args = p.parse_args(argv)
