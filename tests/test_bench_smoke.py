@@ -234,6 +234,7 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert ref["row_passes_per_token"] == ref["mean_steps"]  # a full canvas of 81 rows commits 81 digits
     assert compact["row_passes_per_token"] < compact["mean_steps"]  # frozen rows left the trunk
     assert compact["ms_per_token"] > 0 and compact["puzzles"] == 2
+    assert ref["denoise_wall_time_reduction"] == 1.0 and compact["prompt_ms_per_item"] > 0
     assert "| compact |" in files[0].with_suffix(".md").read_text()
 
 
