@@ -138,13 +138,15 @@ def check_model(mode: FastMode, model) -> None:
     rows = mode.block_length(C)
     if rows == C:
         return
-    trained = (getattr(model.config, "raw", None) or {}).get("trained_canvas_lengths") or [C]
-    if rows < min(trained):
-        raise ValueError(
-            f"mode {mode.name!r} denoises {rows}-row canvases, but this model was trained on canvases of "
-            f"{', '.join(map(str, sorted(trained)))} rows (config.json trained_canvas_lengths); use 'settled', "
-            "or a model trained with short canvases (data.canvas_lengths, training/sort_blocks.yaml)"
-        )
+    trained = (getattr(model.config, "raw", None) or {}).get("trained_canvas_lengths")
+    if trained and rows >= min(trained):
+        return
+    known = (f"was trained on canvases of {', '.join(map(str, sorted(trained)))} rows" if trained else
+             f"lists no trained_canvas_lengths in config.json, so only its whole {C}-row canvases are known to work")
+    raise ValueError(
+        f"mode {mode.name!r} denoises {rows}-row canvases, but this model {known}; use 'settled', "
+        "or a model trained with short canvases (data.canvas_lengths, training/sort_blocks.yaml)"
+    )
 
 
 def _knob_value(mode, key: str, value: str, annotation: str):

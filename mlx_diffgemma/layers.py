@@ -72,17 +72,15 @@ class RoPE:
         """RoPE at arbitrary positions [L] (x: [B, heads, L, D]), for a partial canvas pass.
         `tables` keeps the cos / sin per rotation, so the layers of one pass build them once."""
         half = self.dims // 2
+        tables = {} if tables is None else tables
         key = (self.key, x.dtype)
-        if tables is None or key not in tables:
+        if key not in tables:
             if self.freqs is None:
                 inv = mx.power(self.base, -2.0 * mx.arange(half, dtype=mx.float32) / self.dims)
             else:
                 inv = 1.0 / self.freqs  # inf periods rotate by 0
             angles = positions.astype(mx.float32)[:, None] * inv[None, :]
-            cos_sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
-            if tables is None:
-                tables = {}
-            tables[key] = cos_sin
+            tables[key] = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
         cos, sin = tables[key]
         x1, x2 = x[..., :half], x[..., half:]
         return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

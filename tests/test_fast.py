@@ -102,9 +102,12 @@ def test_short_canvases_are_committed_one_after_another(gemma_checkpoint):
     assert mode.block_length(C) == 8 and mode.canvas_length(C, 3) == 8 and MODES["settled"].block_length(C) == C
     kw = dict(max_denoising_steps=4, seed=0, eos_token_id=[10**6])
     # a model trained on whole canvases only refuses them, naming the fix
-    with pytest.raises(ValueError, match=r"8-row canvases, but this model was trained on canvases of 32 rows.*'settled'"):
+    with pytest.raises(ValueError, match=r"8-row canvases, but this model lists no trained_canvas_lengths.*'settled'"):
         list(stream_generate(model, tok, [2, 4, 40, 5], max_tokens=20, mode=mode, **kw))
-    model.config.raw["trained_canvas_lengths"] = [8, 32]  # as `mlx_diffgemma.train` writes it
+    model.config.raw["trained_canvas_lengths"] = [16, 32]  # as `mlx_diffgemma.train` writes it
+    with pytest.raises(ValueError, match=r"8-row canvases, but this model was trained on canvases of 16, 32 rows"):
+        list(stream_generate(model, tok, [2, 4, 40, 5], max_tokens=20, mode=mode, **kw))
+    model.config.raw["trained_canvas_lengths"] = [8, 32]
     done = list(stream_generate(model, tok, [2, 4, 40, 5], max_tokens=20, mode=mode, **kw))[-1]
     assert len(done.token_ids) == 24 and done.stats.canvases == 3  # 20 wanted -> three 8-row canvases
     assert done.stats.row_passes <= 8 * done.stats.denoise_steps
