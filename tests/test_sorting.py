@@ -36,3 +36,20 @@ def test_bundled_sort_model_sorts_short_lists():
     assert exact >= 5, exact
     with pytest.raises(ValueError, match="canvas_length 128"):
         sorting.sort_batch(load("sudoku")[0], lists)
+
+
+def test_bundled_sort_model_sorts_in_short_canvases():
+    """The `short` mode through the public block loop: 48-row canvases, a second one for an answer
+    that does not fit (48 digits + EOS). Measured on fresh lists, not hard-coded."""
+    from mlx_diffgemma import stream_generate
+
+    model, tok = load("sort")
+    lists = sorting.list_set(11, 6, (20, 40)) + sorting.list_set(12, 1, (48, 48))
+    exact = 0
+    for i, lst in enumerate(lists):
+        done = list(stream_generate(model, tok, sorting.prompt_batch([lst])[0].tolist(), max_tokens=128,
+                                    mode="short", seed=i))[-1]
+        exact += sorting.is_sorted_answer(lst, np.array(done.token_ids))
+        assert done.stats.canvases == (2 if len(lst) == 48 else 1), (len(lst), done.stats.canvases)
+        assert done.stats.row_passes <= 48 * done.stats.denoise_steps
+    assert exact >= 5, exact
