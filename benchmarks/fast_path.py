@@ -234,6 +234,14 @@ def write(table, args, items) -> Path:
     return out
 
 
+def _runs_on(mode: str, model) -> bool:
+    try:
+        check_model(get_mode(mode), model)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=sorted(TASKS), default="sudoku")
@@ -244,14 +252,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--puzzle-seed", type=int, default=20261127)
     p.add_argument("--shared", action="store_true", help="other jobs share the CPU: the result says its timings are noisy")
-    p.add_argument("--modes", default=",".join(MODES),
-                   help="comma-separated modes; a mode may carry knobs, e.g. compact+refresh_every=8")
+    p.add_argument("--modes", default=None,
+                   help="comma-separated modes; a mode may carry knobs, e.g. compact+refresh_every=8 "
+                   "(default: every named mode the model can run)")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     cls, default_bounds = TASKS[args.task]
     args.model = args.model or args.task
     args.bounds = tuple(args.bounds or default_bounds)
-    modes = [m for m in args.modes.split(",") if m]
+    modes = [m for m in (args.modes or ",".join(MODES)).split(",") if m]
     try:
         for m in modes:
             get_mode(m)
@@ -259,6 +268,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--puzzles {args.puzzles}: need at least 2 items for a standard error")
         items = cls(args.puzzles, args.bounds, args.puzzle_seed)
         model, _ = load(args.model)
+        if args.modes is None:  # by default, skip the named modes this model cannot run (short canvases)
+            modes = [m for m in modes if _runs_on(m, model)]
         for m in modes:
             check_model(get_mode(m), model)
     except (ValueError, LoadError) as e:

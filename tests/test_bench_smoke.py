@@ -238,6 +238,16 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert "| compact |" in files[0].with_suffix(".md").read_text()
 
 
+def test_fast_path_default_modes_skip_what_the_model_cannot_run(tmp_path, monkeypatch):
+    from benchmarks import fast_path
+    from mlx_diffgemma.fast import MODES
+
+    monkeypatch.setattr(fast_path, "RESULTS", tmp_path)
+    assert fast_path.main(["--puzzles", "2", "--givens", "48", "50"]) == 0
+    rows = json.loads(next(tmp_path.glob("fast_path-*.json")).read_text())["rows"]
+    assert [r["mode"] for r in rows] == [m for m in MODES if m != "short"]  # Sudoku: whole canvases only
+
+
 def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypatch):
     """A sort model (two training steps: the shapes are what matter) through the gate: committed
     tokens are each list's length + 1, so the reference's row-passes per token are
