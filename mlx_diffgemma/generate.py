@@ -380,6 +380,9 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
     fast = get_mode(mode)
     check_model(fast, model)
     ops = ops_for(model)
+    if not fast.is_reference and ops is not MLXOps:
+        raise ValueError(f"mode {fast.name!r}: the fast modes run on the MLX backend only; leave the mode out "
+                         "(the reference sampler) or load the model with MLX")
     C = fast.block_length(model.config.canvas_length)  # rows per canvas
     noise = NoiseSource(seed, model.config.vocab_size)
     cache = model.make_cache() if cache is None else cache

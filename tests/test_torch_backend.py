@@ -195,6 +195,12 @@ def test_generate_token_identical_to_mlx(sharp_checkpoint, settings):
         assert min(per_canvas) < settings["max_denoising_steps"], "no canvas stopped early"
 
 
+def test_fast_modes_are_refused_in_one_line(sharp_checkpoint):
+    model, tokenizer = torch_load(sharp_checkpoint[0])
+    with pytest.raises(ValueError, match="the fast modes run on the MLX backend only"):
+        list(stream_generate(model, tokenizer, [2, 4, 40], max_tokens=8, mode="settled"))
+
+
 def test_generate_token_identical_to_mlx_on_the_gemma_pattern(gemma_checkpoint):
     """Wider distributions (no logit gain): the acceptance rule keeps few positions per step."""
     path, _ = gemma_checkpoint
