@@ -26,9 +26,9 @@ import numpy as np
 from benchmarks.machine import record as machine_record
 from benchmarks.sudoku_eval import mean_stderr, per_puzzle
 from mlx_diffgemma import load, sorting, sudoku
-from mlx_diffgemma.fast import MODES, check_model, denoise_canvas_fast, get_mode
+from mlx_diffgemma.fast import MODES, check_model, get_mode
 from mlx_diffgemma.files import write_text_atomic
-from mlx_diffgemma.generate import denoise_canvas
+from mlx_diffgemma.generate import denoise_block
 from mlx_diffgemma.loading import LoadError
 from mlx_diffgemma.sampler import NoiseSource, finalize_block
 
@@ -102,17 +102,11 @@ def run_one(model, prompt: list[int], seed: int, mode: str, gen):
     mx.eval(cache.state())
     prompt_s = time.perf_counter() - tic
     noise = NoiseSource(seed, model.config.vocab_size)
-    out, steps, rows, block = [], 0, 0, 0
+    out, steps, rows, block, committed = [], 0, 0, 0, None
     while len(out) < C:
         if block:
             model.encode(mx.array(committed), cache)
-        if fast.is_reference:
-            argmax, s = denoise_canvas(model, cache, gen, noise, block)
-            r = s * C
-        else:
-            result = denoise_canvas_fast(model, cache, gen, noise, block, fast,
-                                         canvas_length=fast.canvas_length(C, C - len(out)))
-            argmax, s, r = result.argmax, result.steps, result.row_passes
+        argmax, s, r = denoise_block(model, cache, gen, noise, block, fast, C - len(out))
         argmax = np.asarray(argmax)
         committed, finished = finalize_block(argmax, gen)
         out.extend(argmax[0].tolist())  # as denoised: the scores read up to the first EOS

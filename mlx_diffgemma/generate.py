@@ -197,6 +197,20 @@ def denoise_canvas(
     return state.argmax, state.steps
 
 
+def denoise_block(model, cache, gen: GenerationConfig, noise: NoiseSource, block: int, fast, remaining: int,
+                  on_step: Callable | None = None) -> tuple[np.ndarray, int, int]:
+    """One canvas of the block loop under a mode (a FastMode): the reference sampler on a whole
+    canvas, or the fast loop on the mode's canvas for `remaining` wanted tokens. Returns (argmax
+    [1, rows], decoder passes, trunk row-passes)."""
+    C = model.config.canvas_length
+    if fast.is_reference:
+        argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
+        return argmax, steps, steps * C
+    result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step,
+                                 canvas_length=fast.canvas_length(C, remaining))
+    return result.argmax, result.steps, result.row_passes
+
+
 def denoise_prompts(model, prompts: np.ndarray, seed: int = 0, on_step: Callable | None = None,
                     **overrides) -> np.ndarray:
     """One canvas per prompt for a batch of equal-length prompts [B, P]: encode them, then run the
@@ -441,14 +455,8 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
             with lock:
                 if block > 0:
                     model.encode(ops.asarray(committed), cache)  # re-encode the commit at the same positions
-                if fast.is_reference:
-                    argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
-                    row_passes = steps * C
-                else:
-                    length = fast.canvas_length(C, gen.max_new_tokens - len(generated))
-                    result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step,
-                                                 canvas_length=length)
-                    argmax, steps, row_passes = result.argmax, result.steps, result.row_passes
+                argmax, steps, row_passes = denoise_block(model, cache, gen, noise, block, fast,
+                                                          gen.max_new_tokens - len(generated), on_step)
         except Cancelled:
             finish = "cancelled"
             break
