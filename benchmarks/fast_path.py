@@ -264,8 +264,9 @@ def main(argv=None) -> int:
         model, _ = load(args.model)
         if args.modes is None:  # by default, skip the named modes this model cannot run (short canvases)
             modes = [m for m in modes if _runs_on(m, model)]
-        for m in modes:
-            check_model(get_mode(m), model)
+        else:
+            for m in modes:
+                check_model(get_mode(m), model)
     except (ValueError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
