@@ -50,19 +50,18 @@ def measure(model, rows: list[int], reps: int, rounds: int, seed: int = 0) -> li
     model.encode(mx.array([ids]), cache)
     mx.eval(cache.state())
     canvas = mx.array(rng.integers(0, model.config.vocab_size, (1, C)))
-    _, kv = model.denoise_hidden(canvas, cache, None, positions=cache.offset + mx.arange(C), collect_kv=True)
+    _, kv = model.denoise_hidden(canvas, cache, None, rows=mx.arange(C), collect_kv=True)
     mx.eval(kv)
     T, table = np.float32(0.6), []
     for n in rows:
-        r, ctx = mx.arange(n), mx.arange(n, C)
-        context = [(k[:, :, ctx], v[:, :, ctx]) for k, v in kv] if n < C else None
+        r = mx.arange(n)
         h = model.denoise_hidden(canvas[:, :n], cache)
         u = mx.array(rng.random((1, n), dtype=np.float32))
         table.append({
             "rows": n,
             "trunk_ms": round(_ms(lambda: model.denoise_hidden(canvas[:, :n], cache), reps, rounds), 3),
             "partial_trunk_ms": round(_ms(lambda: model.denoise_hidden(
-                canvas[:, :n], cache, None, positions=cache.offset + r, context=context, collect_kv=True), reps, rounds), 3),
+                canvas[:, :n], cache, None, rows=r, canvas_kv=kv, collect_kv=True), reps, rounds), 3),
             "head_ms": round(_ms(lambda: head_statistics(model.logits(h), T, u), reps, rounds), 3),
         })
     return table

@@ -113,7 +113,7 @@ class ChatSession:
         nbytes = self.cache.nbytes if self.cache is not None else 0
         return (
             f"turns {len(self.turn_stats)} · cache {cached} tokens ({nbytes / 2**20:.1f} MiB) · last turn: "
-            f"encoded {s.prompt_tokens} new tokens at {s.prefill_tokens_per_s:.1f} tok/s, {s.committed_tokens} tokens "
+            f"{s.prompt_tokens} new tokens ({s.prefill_summary}), {s.committed_tokens} tokens "
             f"in {s.canvases} canvas(es), {s.denoise_steps} steps, {s.committed_tokens_per_s:.1f} tok/s, "
             f"{s.tokens_per_forward:.2f} tokens/forward, peak {s.peak_memory_bytes / 2**20:.1f} MiB"
         )

@@ -278,6 +278,6 @@ def generate_cli(model, backend, device, system, max_tokens, thinking, seed, ste
     click.echo(
         f"[{s.committed_tokens} tokens in {s.canvases} canvas(es), {s.denoise_steps} steps, "
         f"{s.committed_tokens_per_s:.1f} tok/s, {s.tokens_per_forward:.2f} tokens/forward, "
-        f"prefill {s.prefill_tokens_per_s:.1f} tok/s, peak {s.peak_memory_bytes / 2**20:.1f} MiB, {done.finish_reason}]",
+        f"{s.prefill_summary}, peak {s.peak_memory_bytes / 2**20:.1f} MiB, {done.finish_reason}]",
         err=True,
     )

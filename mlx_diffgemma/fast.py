@@ -187,8 +187,10 @@ def denoise_canvas_fast(
     mode: FastMode,
     on_step=None,
     canvas_length: int | None = None,
+    prefix: np.ndarray | None = None,
 ) -> FastResult:
-    """One canvas under `mode` (batch size 1)."""
+    """One canvas under `mode` (batch size 1). The first pass also encodes `prefix` [1, P]
+    (committed tokens not yet in the cache): the canvas starts after it."""
     C = canvas_length or model.config.canvas_length
     if mode.scale_stop and C < model.config.canvas_length:
         # the reference stops when the mean entropy over its whole canvas is under the threshold:
@@ -199,7 +201,6 @@ def denoise_canvas_fast(
     canvas = noise.initial_canvas(block, (1, C))
     state = BlockSampler(gen, noise, block, canvas)
     eos = np.asarray(gen.eos_token_id)
-    offset = cache.offset
 
     frozen = np.zeros(C, dtype=bool)
     entropy = np.zeros((1, C), dtype=np.float32)
@@ -220,29 +221,20 @@ def denoise_canvas_fast(
             rows = np.sort(np.concatenate([active, np.flatnonzero(frozen[:end])[: n - len(active)]]))
         else:
             rows = np.arange(end)
-        ctx = np.setdiff1d(np.arange(end), rows, assume_unique=True)
         row_passes += len(rows)
 
         rows_mx = mx.array(rows)
         x = mx.array(state.canvas[:, rows])
         soft_rows = None if soft is None else soft[:, rows_mx]
         if mode.compact:
-            context = None
-            if len(ctx):
-                c = mx.array(ctx)
-                context = [(k[:, :, c], v[:, :, c]) for k, v in kv]
-            h, new_kv = model.denoise_hidden(
-                x, cache, soft_rows, positions=offset + rows_mx, context=context, collect_kv=True
-            )
-            if kv is None:
-                kv = new_kv
-            else:
-                kv = [
-                    (_scatter_rows(k, rows_mx, nk), _scatter_rows(v, rows_mx, nv))
-                    for (k, v), (nk, nv) in zip(kv, new_kv)
-                ]
+            if kv is not None and kv[0][0].shape[2] > end:  # rows past `end` have left the canvas
+                kv = [(k[:, :, :end], v[:, :, :end]) for k, v in kv]
+            # kv: every canvas row's K/V as last computed; this pass refreshes its rows' and returns it
+            h, kv = model.denoise_hidden(x, cache, soft_rows, rows=rows_mx, canvas_kv=kv, collect_kv=True,
+                                         prefix=prefix)
         else:
-            h = model.denoise_hidden(x, cache, soft_rows)
+            h = model.denoise_hidden(x, cache, soft_rows, prefix=prefix)
+        prefix = None  # in the cache from here on
 
         # the head and the sampler only for rows that are still active (with rescore_frozen, also for
         # frozen rows the trunk just ran: their entropy and self-conditioning stay current)

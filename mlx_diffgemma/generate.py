@@ -65,6 +65,7 @@ class Stats:
     row_passes: int = 0  # canvas rows run through the trunk (steps x canvas rows for the reference)
     steps_per_canvas: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
+    prefill_fused: bool = False  # the prompt was encoded by the first denoising pass: no separate rate
     generate_s: float = 0.0
     peak_memory_bytes: int = 0
     first_text_s: float | None = None  # request start to the first committed text
@@ -85,6 +86,13 @@ class Stats:
     def prefill_tokens_per_s(self) -> float:
         return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
 
+    @property
+    def prefill_summary(self) -> str:
+        """For a stats line: the prefill rate, or where the prompt was encoded."""
+        if self.prefill_fused:
+            return "prompt encoded with the first step"
+        return f"prefill {self.prefill_tokens_per_s:.1f} tok/s"
+
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -97,6 +105,7 @@ class Stats:
             "committed_tokens_per_s": round(self.committed_tokens_per_s, 3),
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "prefill_s": round(self.prefill_s, 4),
+            "prefill_fused": self.prefill_fused,
             "generate_s": round(self.generate_s, 4),
             "peak_memory_bytes": self.peak_memory_bytes,
             "first_text_s": None if self.first_text_s is None else round(self.first_text_s, 4),
@@ -176,8 +185,10 @@ def denoise_canvas(
     block: int,
     on_step: Callable | None = None,
     canvas: np.ndarray | None = None,
+    prefix: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Run the reference sampler on one canvas; returns (argmax [B, C], decoder passes)."""
+    """Run the reference sampler on one canvas; returns (argmax [B, C], decoder passes). `prefix`
+    [B, P]: committed tokens not yet in the cache, encoded by the first pass (model.denoise)."""
     ops = ops_for(model)
     C = model.config.canvas_length
     if canvas is None:
@@ -185,7 +196,9 @@ def denoise_canvas(
     state = BlockSampler(gen, noise, block, canvas)
     self_cond = None
     while not state.exhausted:
-        logits = model.denoise(ops.asarray(state.canvas), cache, self_cond)
+        logits = model.denoise(ops.asarray(state.canvas), cache, self_cond,
+                               prefix=None if prefix is None else ops.asarray(prefix))
+        prefix = None
         z, argmax, entropy, sample = ops.head_statistics(logits, state.temperature(), ops.asarray(state.uniforms()))
         self_cond = ops.cast(z, model.dtype)  # the reference feeds back bf16 logits for bf16 weights
         ops.sync(argmax, entropy, sample, self_cond)
@@ -198,16 +211,17 @@ def denoise_canvas(
 
 
 def denoise_block(model, cache, gen: GenerationConfig, noise: NoiseSource, block: int, fast, remaining: int,
-                  on_step: Callable | None = None) -> tuple[np.ndarray, int, int]:
+                  on_step: Callable | None = None, prefix: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """One canvas of the block loop under a mode (a FastMode): the reference sampler on a whole
-    canvas, or the fast loop on the mode's canvas for `remaining` wanted tokens. Returns (argmax
-    [1, rows], decoder passes, trunk row-passes)."""
+    canvas, or the fast loop on the mode's canvas for `remaining` wanted tokens; its first pass also
+    encodes `prefix` [1, P] (the prompt, or the last commit). Returns (argmax [1, rows], decoder
+    passes, trunk row-passes)."""
     C = model.config.canvas_length
     if fast.is_reference:
-        argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step)
+        argmax, steps = denoise_canvas(model, cache, gen, noise, block, on_step=on_step, prefix=prefix)
         return argmax, steps, steps * C
     result = denoise_canvas_fast(model, cache, gen, noise, block, fast, on_step=on_step,
-                                 canvas_length=fast.canvas_length(C, remaining))
+                                 canvas_length=fast.canvas_length(C, remaining), prefix=prefix)
     return result.argmax, result.steps, result.row_passes
 
 
@@ -241,6 +255,7 @@ def stream_generate(
     tools=None,
     preview: bool = False,
     cancel=None,
+    fuse_prompt: bool = True,
     **overrides,
 ) -> Iterator[Event]:
     """Generate from `prompt` (text, a list of chat messages, or token ids), yielding `Event`s
@@ -253,7 +268,9 @@ def stream_generate(
     picks a fast denoising mode by name (see `mlx_diffgemma.fast.MODES`; default "reference", the
     exact reference sampler). `tools` go to the chat template. `preview=True` adds "preview"
     events. `cancel` (a `threading.Event`, or a callable returning True) stops the request at the
-    next denoising step, from any thread; closing the iterator does the same.
+    next denoising step, from any thread; closing the iterator does the same. A prompt no longer
+    than a canvas is encoded by the first denoising pass; `fuse_prompt=False` gives it a pass of its
+    own, timed as the prefill (stats.prefill_tokens_per_s), as longer prompts always get.
 
     Safe to call from any thread: the work runs on a worker thread of its own and takes the
     model's lock (`model_lock`) around device work, so concurrent requests take turns.
@@ -271,7 +288,8 @@ def stream_generate(
     settle(model)
     if cache is not None:
         ops_for(model).sync(*cache.state())
-    args = (model, tokenizer, prompt, max_tokens, seed, thinking, generation_config, cache, mode, tools, preview)
+    args = (model, tokenizer, prompt, max_tokens, seed, thinking, generation_config, cache, mode, tools, preview,
+            fuse_prompt)
 
     def job():
         try:
@@ -378,7 +396,7 @@ class _Failure:
 
 
 def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinking, generation_config, cache,
-              mode, tools, preview, overrides) -> None:
+              mode, tools, preview, fuse_prompt, overrides) -> None:
     """The block loop; every event goes through `emit`."""
     from .tokenizer import TextStream, chat_ids
 
@@ -414,12 +432,18 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
     stats = Stats(prompt_tokens=len(ids))
     lock = model_lock(model)
 
+    # a prompt no longer than a canvas is encoded by the first denoising pass (one trunk pass, not
+    # two); a longer one gets a pass of its own, which also reports its prefill rate
+    pending = np.asarray([ids]) if fuse_prompt and len(ids) <= model.config.canvas_length else None
+    start_offset = cache.offset
+    stats.prefill_fused = pending is not None
     with lock:
         ops.reset_peak_memory()
-        tic = time.perf_counter()
-        model.encode(ops.asarray([ids]), cache)
-        ops.sync(*cache.state())
-        stats.prefill_s = time.perf_counter() - tic
+        if pending is None:
+            tic = time.perf_counter()
+            model.encode(ops.asarray([ids]), cache)
+            ops.sync(*cache.state())
+            stats.prefill_s = time.perf_counter() - tic
 
     text = TextStream(tokenizer)
     generated: list[int] = []
@@ -454,9 +478,10 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
         try:
             with lock:
                 if block > 0:
-                    model.encode(ops.asarray(committed), cache)  # re-encode the commit at the same positions
+                    pending = committed  # re-encoded at the same positions, by the next canvas' first pass
                 argmax, steps, row_passes = denoise_block(model, cache, gen, noise, block, fast,
-                                                          gen.max_new_tokens - len(generated), on_step)
+                                                          gen.max_new_tokens - len(generated), on_step, pending)
+                pending = None
         except Cancelled:
             finish = "cancelled"
             break
@@ -485,6 +510,9 @@ def _generate(emit, stopped, model, tokenizer, prompt, max_tokens, seed, thinkin
         if finished.all():
             finish = "stop"
             break
+    if stats.prefill_fused and cache.offset == start_offset:  # no canvas ran: the prompt still goes in
+        with lock:
+            model.encode(ops.asarray([ids]), cache)
     ops.sync(*cache.state())  # nothing lazy left for the next request's thread
     d = text.finish()  # after a cancel: text held back mid-character, if any
     if d:
@@ -532,7 +560,7 @@ def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
                 s = event.stats
                 print(
                     f"\n[{s.committed_tokens} tokens, {s.denoise_steps} steps, "
-                    f"{s.committed_tokens_per_s:.1f} tok/s, prefill {s.prefill_tokens_per_s:.1f} tok/s]",
+                    f"{s.committed_tokens_per_s:.1f} tok/s, {s.prefill_summary}]",
                     file=sys.stderr,
                 )
     return text

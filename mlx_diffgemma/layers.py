@@ -6,6 +6,7 @@ extends the cache under a causal mask, the canvas reads it with no mask at all).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -19,7 +20,28 @@ from .config import LayerSpec, ModelConfig
 
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     # Gemma 4: x * rsqrt(mean(x^2) + eps) * weight (no `1 + weight`); weight None = scale-free norm.
+    if x.size <= _CPU_COMPILED_NORM_MAX and mx.default_device() == mx.cpu:
+        return _cpu_rms_norm(eps, weight is not None, x.shape[-1])(x, *(() if weight is None else (weight,)))
     return mx.fast.rms_norm(x, weight, eps)
+
+
+# On the CPU mx.fast.rms_norm expands into eleven graph nodes, and per-node overhead is most of what
+# a small pass costs there; a compiled norm is five nodes but slower per element (2.5 against 0.7 ns
+# on the CI machine): it wins up to about this many elements (a 48-row canvas at width 96).
+_CPU_COMPILED_NORM_MAX = 6144
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_rms_norm(eps: float, weighted: bool, dims: int):
+    """mx.fast.rms_norm's own arithmetic (fp32 inside, cast back, then the weight), compiled."""
+
+    def norm(x, *weight):
+        x32 = x.astype(mx.float32)
+        # sum * (1 / dims), as mean does, with dims a constant: no element-count node
+        y = (x32 * mx.rsqrt(mx.sum(mx.square(x32), axis=-1, keepdims=True) * (1.0 / dims) + eps)).astype(x.dtype)
+        return y * weight[0] if weighted else y
+
+    return mx.compile(norm, shapeless=True)
 
 
 class RMSNorm(nn.Module):
@@ -88,12 +110,14 @@ class RoPE:
 
 @dataclass
 class Rows:
-    """A canvas pass over a subset of canvas rows: their absolute `positions` [L], the K/V of the
-    other canvas rows for this layer (`context`, attended as if present), and a list that
-    collects this layer's (k, v) of the computed rows when given."""
+    """A canvas pass over a subset of canvas rows: their absolute `positions` [L]; with
+    `canvas_kv`, this layer's (k, v) of every canvas row as last computed, into which the rows'
+    fresh K/V go at `slots` (their canvas indices) before the attention reads them; and a list that
+    collects this layer's canvas (k, v) (every row with `canvas_kv`, else the computed rows)."""
 
     positions: mx.array
-    context: tuple[mx.array, mx.array] | None = None
+    canvas_kv: tuple[mx.array, mx.array] | None = None
+    slots: mx.array | None = None  # [1, 1, L, 1], to index the canvas axis of [B, heads, C, D]
     collect: list | None = None
     rope_tables: dict | None = None  # shared by the layers of one pass (RoPE.at)
 
@@ -114,7 +138,11 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, self.eps)
         self.rope = RoPE(spec)
 
-    def __call__(self, x, cache: LayerCache, offset: int, mask: mx.array | None, write: bool, rows: Rows | None = None):
+    def __call__(self, x, cache: LayerCache, offset: int, mask: mx.array | None, commit: int, rows: Rows | None = None):
+        """`commit`: how many leading rows are committed tokens, whose K/V are appended to the cache
+        (all of them for the encoder, none for a canvas pass, a prefix for a pass that encodes it
+        together with a canvas); the other rows are canvas rows, which read the cache. `mask`
+        applies to the committed rows (the encoder's causal mask); canvas rows need none."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
         k_raw = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
@@ -123,20 +151,38 @@ class Attention(nn.Module):
         q, k = self.q_norm(q).transpose(0, 2, 1, 3), self.k_norm(k_raw).transpose(0, 2, 1, 3)
         if rows is None:
             q, k = self.rope(q, offset), self.rope(k, offset)
-        else:
-            q, k = self.rope.at(q, rows.positions, rows.rope_tables), self.rope.at(k, rows.positions, rows.rope_tables)
+        else:  # one rotation for q and k: fewer graph nodes
+            qk = self.rope.at(mx.concatenate([q, k], axis=1), rows.positions, rows.rope_tables)
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = rms_norm(v_raw, None, self.eps).transpose(0, 2, 1, 3)
 
         if rows is not None:
+            if rows.canvas_kv is not None:  # the other rows keep the K/V they were last computed with
+                k, v = _put_rows(rows.canvas_kv[0], rows.slots, k), _put_rows(rows.canvas_kv[1], rows.slots, v)
             if rows.collect is not None:
-                rows.collect.append((k, v))
-            if rows.context is not None:  # other canvas rows: order does not matter without a mask
-                k = mx.concatenate([rows.context[0], k], axis=2)
-                v = mx.concatenate([rows.context[1], v], axis=2)
-        k, v = cache.extend(k, v) if write else cache.read(k, v)
+                rows.collect.append((k[:, :, commit:], v[:, :, commit:]))
         # scale 1.0: the q/k norms replace 1/sqrt(d)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        if commit == L:
+            k, v = cache.extend(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        elif commit == 0:
+            k, v = cache.read(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        else:
+            # the committed rows attend as in the encoder, then the canvas rows read the cache they
+            # leave (two attentions: only the projections and the feed-forward share the pass)
+            ck, cv = cache.extend(k[:, :, :commit], v[:, :, :commit])
+            head = mx.fast.scaled_dot_product_attention(q[:, :, :commit], ck, cv, scale=1.0, mask=mask)
+            k, v = cache.read(k[:, :, commit:], v[:, :, commit:])
+            tail = mx.fast.scaled_dot_product_attention(q[:, :, commit:], k, v, scale=1.0)
+            out = mx.concatenate([head, tail], axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _put_rows(full: mx.array, slots: mx.array, rows: mx.array) -> mx.array:
+    """`full` [B, heads, C, D] with `rows` [B, heads, L, D] written at `slots` [1, 1, L, 1] (a new
+    array; one scatter node, where `full[:, :, i] = rows` costs sixteen)."""
+    return mx.put_along_axis(full, slots, rows, axis=2)
 
 
 class Router(nn.Module):
@@ -219,8 +265,13 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(H, eps)  # sum of both
         self.layer_scalar = mx.ones((1,))
 
-    def __call__(self, x, cache: LayerCache, offset: int, mask, write: bool, rows: Rows | None = None):
-        a = self.self_attn(self.input_layernorm(x), cache, offset, mask, write, rows)
+    def __call__(self, x, cache: LayerCache, offset: int, mask, commit: int, rows: Rows | None = None,
+                 last: bool = False):
+        """`commit` as in Attention. In the `last` layer the committed rows stop after attention:
+        only their K/V was needed, and the output holds the other rows only."""
+        a = self.self_attn(self.input_layernorm(x), cache, offset, mask, commit, rows)
+        if last and commit:
+            x, a = x[:, commit:], a[:, commit:]
         r = x + self.post_attention_layernorm(a)
 
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))

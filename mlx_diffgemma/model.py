@@ -5,6 +5,10 @@
 `denoise(canvas, cache, self_cond)` is the canvas pass: it embeds the canvas, adds the
 self-conditioning signal, attends bidirectionally over [cached prefix ; canvas] without writing the
 cache, and returns fp32 soft-capped logits [B, C, V].
+`denoise(canvas, cache, self_cond, prefix=ids)` does both in one trunk pass: the prefix rows run as
+the encoder would (causal mask, K/V appended to the cache), the canvas rows as the canvas pass,
+after them. The block loop hands each canvas' first step the tokens not yet encoded (the prompt,
+or the last commit), which saves a pass per canvas.
 """
 
 from __future__ import annotations
@@ -49,38 +53,71 @@ class DiffusionGemma(nn.Module):
                 masks[key] = causal_mask(L, offset, cached, window)
             if i == len(self.layers) - 1:
                 # the last layer only needs to write its K/V: nothing reads its output
-                layer.self_attn(layer.input_layernorm(h), cache[i], offset, masks[key], write=True)
+                layer.self_attn(layer.input_layernorm(h), cache[i], offset, masks[key], commit=L)
             else:
-                h = layer(h, cache[i], offset, masks[key], write=True)
+                h = layer(h, cache[i], offset, masks[key], commit=L)
         cache.offset += L
 
-    def denoise(self, canvas: mx.array, cache: Cache, self_cond: mx.array | None = None) -> mx.array:
+    def denoise(self, canvas: mx.array, cache: Cache, self_cond: mx.array | None = None,
+                prefix: mx.array | None = None) -> mx.array:
         """Canvas pass: fp32 soft-capped logits [B, C, V]. `self_cond` is the previous step's
-        temperature-scaled logits [B, C, V] (None on the first step). Never writes `cache`."""
-        return self.logits(self.denoise_hidden(canvas, cache, self.soft_embeds(self_cond)))
+        temperature-scaled logits [B, C, V] (None on the first step). Never writes `cache`, except
+        with `prefix` [B, P]: those tokens are encoded into it in the same trunk pass (as
+        `encode(prefix, cache)` then `denoise(canvas, cache)` would, in one pass instead of two)."""
+        return self.logits(self.denoise_hidden(canvas, cache, self.soft_embeds(self_cond), prefix=prefix))
 
     def denoise_hidden(
         self,
         canvas: mx.array,
         cache: Cache,
         soft_embeds: mx.array | None = None,
-        positions: mx.array | None = None,
-        context: list | None = None,
+        rows: mx.array | None = None,
+        canvas_kv: list | None = None,
         collect_kv: bool = False,
+        prefix: mx.array | None = None,
     ):
         """The canvas pass up to the final norm: hidden states [B, L, H].
 
-        For a partial pass over some canvas rows: `positions` [L] are their absolute positions and
-        `context` (one (k, v) per layer) the K/V of the remaining canvas rows; with `collect_kv`
-        the per-layer (k, v) of the computed rows are returned too: (hidden, kv list)."""
+        For a partial pass, `canvas` holds some canvas rows and `rows` [L] their canvas indices;
+        `canvas_kv` (one (k, v) [B, kv_heads, C, D] per layer) is every canvas row's K/V as last
+        computed, the rows not in this pass attended with it. With `collect_kv` the per-layer canvas
+        (k, v) are returned too, (hidden, kv list): every row's, updated, when `canvas_kv` is given.
+        With `prefix` [B, P] (committed tokens not yet encoded; not with `canvas_kv`), the pass
+        encodes them first, into the cache, at positions cache.offset..: the canvas then starts
+        at cache.offset + P."""
         h = self.self_conditioning(self.embed(_as_batch(canvas)), soft_embeds)
+        offset, P, masks = cache.offset, 0, {}
+        if prefix is not None:
+            if canvas_kv is not None:
+                raise ValueError("denoise_hidden: a prefix is encoded with a whole canvas, not a partial one")
+            prefix = _as_batch(prefix)
+            P = prefix.shape[1]
+            h = mx.concatenate([self.embed(prefix), h], axis=1)
+        if rows is None and mx.default_device() == mx.cpu:
+            # whole canvas: on the CPU the RoPE tables cost less than mx.fast.rope's fallback
+            rows = mx.arange(h.shape[1] - P)
+        positions = None
+        if rows is not None:
+            positions = offset + P + rows
+            if P:
+                positions = mx.concatenate([mx.arange(offset, offset + P, dtype=positions.dtype), positions])
+        slots = None if canvas_kv is None else rows[None, None, :, None]
         kv = [] if collect_kv else None
         tables = {}  # RoPE cos / sin at `positions`, built once for every layer
-        for i, layer in enumerate(self.layers):
-            rows = None
+        last = len(self.layers) - 1
+        for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
+            part = None
             if positions is not None:
-                rows = Rows(positions, None if context is None else context[i], kv, tables)
-            h = layer(h, cache[i], cache.offset, None, write=False, rows=rows)
+                part = Rows(positions, None if canvas_kv is None else canvas_kv[i], slots, kv, tables)
+            mask = None
+            if P:
+                key = (spec.is_sliding, cache[i].length)
+                if key not in masks:
+                    window = self.config.sliding_window if spec.is_sliding else None
+                    masks[key] = causal_mask(P, offset, cache[i].length, window)
+                mask = masks[key]
+            h = layer(h, cache[i], offset, mask, commit=P, rows=part, last=i == last)
+        cache.offset += P
         h = self.norm(h)
         return (h, kv) if collect_kv else h
 

@@ -387,7 +387,7 @@ def causal_logits(model, ids, cache) -> mx.array:
     h = model.embed(ids)
     for layer, spec, c in zip(model.layers, model.config.layers, cache.layers):
         mask = causal_mask(L, offset, c.length, model.config.sliding_window if spec.is_sliding else None)
-        h = layer(h, c, offset, mask if L > 1 else None, write=True)
+        h = layer(h, c, offset, mask if L > 1 else None, commit=L)
     cache.offset += L
     return model.logits(model.norm(h))
 

@@ -234,8 +234,15 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert ref["row_passes_per_token"] == ref["mean_steps"]  # a full canvas of 81 rows commits 81 digits
     assert compact["row_passes_per_token"] < compact["mean_steps"]  # frozen rows left the trunk
     assert compact["ms_per_token"] > 0 and compact["puzzles"] == 2
-    assert ref["denoise_wall_time_reduction"] == 1.0 and compact["prompt_ms_per_item"] > 0
+    assert ref["denoise_wall_time_reduction"] is None and compact["prompt_ms_per_item"] is None  # fused
     assert "| compact |" in files[0].with_suffix(".md").read_text()
+
+    files[0].unlink()
+    fast_path.main(["--puzzles", "2", "--givens", "45", "50", "--modes", "compact", "--separate-prompt"])
+    rows = {r["mode"]: r for r in json.loads(next(tmp_path.glob("fast_path-*.json")).read_text())["rows"]}
+    assert rows["reference"]["denoise_wall_time_reduction"] == 1.0 and rows["compact"]["prompt_ms_per_item"] > 0
+    for key in ("exact", "mean_steps", "row_passes_per_token"):  # the same work, only scheduled apart
+        assert rows["compact"][key] == compact[key]
 
 
 def test_fast_path_default_modes_skip_what_the_model_cannot_run(tmp_path, monkeypatch):

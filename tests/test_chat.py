@@ -19,14 +19,22 @@ def tiny(gemma_checkpoint):
 
 
 def spy_encode(model, monkeypatch):
+    """Lengths of what goes into the cache, in order: an encode pass, or the prefix a canvas' first
+    denoising pass encodes."""
     calls = []
-    original = model.encode
+    encode, denoise_hidden = model.encode, model.denoise_hidden
 
-    def encode(ids, cache):
+    def spy(ids, cache):
         calls.append(int(ids.shape[-1]))
-        return original(ids, cache)
+        return encode(ids, cache)
 
-    monkeypatch.setattr(model, "encode", encode)
+    def spy_prefix(*args, prefix=None, **kwargs):
+        if prefix is not None:
+            calls.append(int(prefix.shape[-1]))
+        return denoise_hidden(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(model, "encode", spy)
+    monkeypatch.setattr(model, "denoise_hidden", spy_prefix)
     return calls
 
 

@@ -24,21 +24,62 @@ def test_partial_pass_with_context_equals_full_pass(gemma_checkpoint):
     model.encode(mx.array(rng.integers(0, V, (1, 30))), cache)
     canvas = rng.integers(0, V, (1, C))
     soft = mx.array(rng.normal(size=(1, C, model.config.hidden_size)).astype(np.float32))
-    positions = cache.offset + mx.arange(C)
-    full, kv = model.denoise_hidden(mx.array(canvas), cache, soft, positions=positions, collect_kv=True)
+    full, kv = model.denoise_hidden(mx.array(canvas), cache, soft, rows=mx.arange(C), collect_kv=True)
     # the fast-RoPE path and the positions path agree (looser on a GPU: MLX 0.32.4's CUDA backend gave
     # 4e-3 on an H100, its fp32 matmuls being TF32-like; the CPU is exact fp32)
     atol = 1e-4 if mx.default_device().type == mx.DeviceType.cpu else 1e-2
     np.testing.assert_allclose(np.array(model.denoise_hidden(mx.array(canvas), cache, soft)), np.array(full), atol=atol)
 
     rows = np.sort(rng.choice(C, 11, replace=False))
-    ctx = np.setdiff1d(np.arange(C), rows)
-    r, c = mx.array(rows), mx.array(ctx)
-    part = model.denoise_hidden(
-        mx.array(canvas[:, rows]), cache, soft[:, r], positions=cache.offset + r,
-        context=[(k[:, :, c], v[:, :, c]) for k, v in kv],
-    )
+    r = mx.array(rows)
+    stale = [(k * 0.5, v * 0.5) for k, v in kv]  # what the other rows attend is what canvas_kv holds
+    part, new_kv = model.denoise_hidden(mx.array(canvas[:, rows]), cache, soft[:, r], rows=r, canvas_kv=kv,
+                                        collect_kv=True)
     np.testing.assert_allclose(np.array(part), np.array(full[:, r]), atol=atol)
+    for (k, v), (nk, nv) in zip(kv, new_kv):  # every row's K/V comes back: the same, recomputed
+        np.testing.assert_allclose(np.array(nk), np.array(k), atol=atol)
+        np.testing.assert_allclose(np.array(nv), np.array(v), atol=atol)
+    off = model.denoise_hidden(mx.array(canvas[:, rows]), cache, soft[:, r], rows=r, canvas_kv=stale)
+    assert float(mx.abs(off - part).max()) > 1e-3  # the other rows' K/V are read, not recomputed
+
+
+@pytest.mark.parametrize("held, P", [(0, 5), (0, 40), (25, 12)])
+def test_prefix_pass_equals_encode_then_denoise(gemma_checkpoint, held, P):
+    """denoise(..., prefix=ids) is encode(ids) then denoise in one trunk pass: the same logits, the
+    same cache, the same offset; batch 2, prompts past the sliding window (16) included."""
+    model, _ = load(gemma_checkpoint[0])
+    V, C = model.config.vocab_size, model.config.canvas_length
+    rng = np.random.default_rng(P)
+    first = mx.array(rng.integers(0, V, (2, held)))
+    prefix, canvas = mx.array(rng.integers(0, V, (2, P))), mx.array(rng.integers(0, V, (2, C)))
+    soft = mx.array(rng.normal(size=(2, C, model.config.hidden_size)).astype(np.float32))
+
+    def start():
+        cache = model.make_cache()
+        if held:
+            model.encode(first, cache)
+        return cache
+
+    two = start()
+    model.encode(prefix, two)
+    want = model.denoise(canvas, two)
+    one = start()
+    got = model.denoise(canvas, one, prefix=prefix)
+    assert one.offset == two.offset == held + P
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-4)
+    for a, b in zip(one.state(), two.state()):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+
+    # the fast loop's first pass: rows, collected K/V, self-conditioning input
+    h, kv = model.denoise_hidden(canvas, two, soft, rows=mx.arange(C), collect_kv=True)
+    fused_h, fused_kv = model.denoise_hidden(canvas, start(), soft, rows=mx.arange(C), collect_kv=True, prefix=prefix)
+    np.testing.assert_allclose(np.array(fused_h), np.array(h), atol=1e-4)
+    for (k, v), (fk, fv) in zip(kv, fused_kv):
+        assert fk.shape == k.shape  # the canvas rows only
+        np.testing.assert_allclose(np.array(fk), np.array(k), atol=1e-4)
+        np.testing.assert_allclose(np.array(fv), np.array(v), atol=1e-4)
+    with pytest.raises(ValueError, match="whole canvas"):
+        model.denoise_hidden(canvas[:, :3], start(), None, rows=mx.arange(3), canvas_kv=kv, prefix=prefix)
 
 
 def test_fast_loop_without_departures_reproduces_the_reference(sharp):
@@ -181,11 +222,14 @@ class Oracle:
         self.eos_rows = mx.array(self.target == 1)
         self.sure_from, self.heads, self.passes = sure_from, 0, []
 
-    def denoise_hidden(self, x, cache, soft, positions=None, context=None, collect_kv=False):
-        rows = mx.arange(x.shape[1]) if positions is None else positions - cache.offset
-        self.passes.append((x.shape[1], 0 if context is None else context[0][0].shape[2]))
+    def denoise_hidden(self, x, cache, soft, rows=None, canvas_kv=None, collect_kv=False, prefix=None):
+        rows = mx.arange(x.shape[1]) if rows is None else rows
+        # (rows computed, canvas rows attended)
+        self.passes.append((x.shape[1], x.shape[1] if canvas_kv is None else canvas_kv[0][0].shape[2]))
         h = rows.astype(mx.float32)[None, :, None]
-        return (h, [(h[:, None], h[:, None])]) if collect_kv else h
+        if not collect_kv:
+            return h
+        return h, canvas_kv if canvas_kv is not None else [(h[:, None], h[:, None])]
 
     def logits(self, h):
         rows = h[..., 0].astype(mx.int32)
@@ -221,8 +265,8 @@ def test_drop_tail_removes_the_rows_after_a_settled_eos(compact, keep):
     """Once the EOS at row 5 is frozen, later passes run (and attend to) rows 0-5 and `keep` more."""
     mode = FastMode("t", freeze_entropy=0.05, compact=compact, eos_tail_cut=True, drop_tail=keep)
     passes, out = run_oracle(mode, TARGET)
-    assert passes[0] == (16, 0)  # the first pass runs the whole canvas
-    assert all(rows + ctx == 6 + keep for rows, ctx in passes[1:]) and len(passes) >= 3, passes
+    assert passes[0] == (16, 16)  # the first pass runs the whole canvas
+    assert all(seen == 6 + keep for _, seen in passes[1:]) and len(passes) >= 3, passes
     assert out.row_passes == sum(rows for rows, _ in passes)
     np.testing.assert_array_equal(out.argmax[0, :6], TARGET[:6])
 
@@ -231,7 +275,7 @@ def test_eos_tail_cut_keeps_the_tail_in_the_attention():
     # compaction without refresh: the frozen tail leaves the trunk but every pass still attends to it
     mode = FastMode("t", freeze_entropy=0.05, compact=True, eos_tail_cut=True)
     passes, out = run_oracle(mode, TARGET)
-    assert passes[0] == (16, 0) and all(rows < 16 and rows + ctx == 16 for rows, ctx in passes[1:]), passes
+    assert passes[0] == (16, 16) and all(rows < 16 and seen == 16 for rows, seen in passes[1:]), passes
     np.testing.assert_array_equal(out.argmax[0, :6], TARGET[:6])
     # without compaction every pass runs the whole canvas
     passes, _ = run_oracle(MODES["freeze"], TARGET)

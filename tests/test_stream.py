@@ -146,3 +146,25 @@ def test_context_limit(tiny):
     ids = [5] * (context - 2 * C - 7)
     done = list(stream_generate(model, tok, ids, max_tokens=10 * C, max_denoising_steps=1, eos_token_id=[10**6]))[-1]
     assert done.stats.canvases == 2 and done.finish_reason == "length"
+
+
+def test_prompt_fused_into_the_first_step_or_given_its_own_pass(tiny):
+    model, tok = tiny
+    ids = list(range(5, 25))  # shorter than the 32-row canvas: fused unless asked otherwise
+    runs = {}
+    for fuse in (True, False):
+        cache = model.make_cache()
+        done = list(stream_generate(model, tok, ids, max_tokens=64, seed=5, cache=cache, fuse_prompt=fuse, **FAST))[-1]
+        runs[fuse] = done
+        assert done.stats.prefill_fused is fuse and (done.stats.prefill_tokens_per_s > 0) is not fuse
+        assert cache.offset == len(ids) + 32  # the prompt and the first commit, either way
+    assert runs[True].token_ids == runs[False].token_ids
+    assert "first step" in runs[True].stats.prefill_summary and "tok/s" in runs[False].stats.prefill_summary
+
+
+def test_a_request_cancelled_before_its_first_canvas_still_encodes_the_prompt(tiny):
+    model, tok = tiny
+    cache, ids = model.make_cache(), list(range(5, 15))
+    done = list(stream_generate(model, tok, ids, max_tokens=32, cache=cache, cancel=lambda: True, **FAST))[-1]
+    assert done.finish_reason == "cancelled" and done.stats.canvases == 0
+    assert cache.offset == len(ids)  # a conversation's cache holds what was said, as before

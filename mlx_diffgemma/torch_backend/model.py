@@ -58,9 +58,13 @@ class DiffusionGemma(nn.Module):
         cache.offset += L
 
     @torch.no_grad()
-    def denoise(self, canvas, cache: Cache, self_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(self, canvas, cache: Cache, self_cond: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
         """Canvas pass: fp32 soft-capped logits [B, C, V]. `self_cond` is the previous step's
-        temperature-scaled logits [B, C, V] (None on the first step). Never writes `cache`."""
+        temperature-scaled logits [B, C, V] (None on the first step). Never writes `cache`, except
+        with `prefix` [B, P], which is encoded first (here a pass of its own; the MLX model fuses
+        the two)."""
+        if prefix is not None:
+            self.encode(prefix, cache)
         h = self.canvas_input(self._as_batch(canvas), self_cond)
         for i, layer in enumerate(self.layers):
             h = layer(h, cache[i], cache.offset, None, write=False)
