@@ -1,6 +1,7 @@
 """What one denoising step costs as a function of the rows it runs: the trunk over a full canvas
 of n rows, the same n rows as a partial pass (the rest of the canvas as cached K/V, as `compact`
-runs them), and the LM head with its statistics. Fits cost = fixed + per_row * n, which says how
+runs them), the LM head with its statistics, and a canvas' first step with the prompt's encode
+as a pass of its own or inside the trunk's pass (`denoise(..., prefix=)`). Fits cost = fixed + per_row * n, which says how
 much of a step a fast mode can save by running fewer rows.
 
     python -m benchmarks.step_cost --model sudoku
@@ -52,6 +53,17 @@ def measure(model, rows: list[int], reps: int, rounds: int, seed: int = 0) -> li
     canvas = mx.array(rng.integers(0, model.config.vocab_size, (1, C)))
     _, kv = model.denoise_hidden(canvas, cache, None, rows=mx.arange(C), collect_kv=True)
     mx.eval(kv)
+    prompt = mx.array([ids])
+
+    def first_step(n: int, fused: bool):
+        """A canvas' first step from an empty cache: encode the prompt, then n canvas rows; as two
+        passes, or as one pass that encodes the prompt too (`prefix`)."""
+        fresh = model.make_cache()
+        if fused:
+            return model.denoise_hidden(canvas[:, :n], fresh, prefix=prompt), fresh.state()
+        model.encode(prompt, fresh)
+        return model.denoise_hidden(canvas[:, :n], fresh), fresh.state()
+
     T, table = np.float32(0.6), []
     for n in rows:
         r = mx.arange(n)
@@ -59,10 +71,13 @@ def measure(model, rows: list[int], reps: int, rounds: int, seed: int = 0) -> li
         u = mx.array(rng.random((1, n), dtype=np.float32))
         table.append({
             "rows": n,
+            "prompt_tokens": len(ids),
             "trunk_ms": round(_ms(lambda: model.denoise_hidden(canvas[:, :n], cache), reps, rounds), 3),
             "partial_trunk_ms": round(_ms(lambda: model.denoise_hidden(
                 canvas[:, :n], cache, None, rows=r, canvas_kv=kv, collect_kv=True), reps, rounds), 3),
             "head_ms": round(_ms(lambda: head_statistics(model.logits(h), T, u), reps, rounds), 3),
+            "prompt_then_trunk_ms": round(_ms(lambda: first_step(n, False), reps, rounds), 3),
+            "prompt_with_trunk_ms": round(_ms(lambda: first_step(n, True), reps, rounds), 3),
         })
     return table
 
@@ -95,7 +110,8 @@ def main(argv=None) -> int:
         print(f"error: --rows needs at least two counts between 1 and the canvas ({C})", file=sys.stderr)
         return 2
     table = measure(model, rows, args.reps, args.rounds)
-    fits = {key: fit(table, key) for key in ("trunk_ms", "partial_trunk_ms", "head_ms")}
+    fits = {key: fit(table, key) for key in
+            ("trunk_ms", "partial_trunk_ms", "head_ms", "prompt_then_trunk_ms", "prompt_with_trunk_ms")}
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = args.out or f"step_cost-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -105,8 +121,12 @@ def main(argv=None) -> int:
     write_text_atomic(RESULTS / f"{stem}.json", json.dumps(doc, indent=2) + "\n")
     lines = [f"# Cost of one denoising step by rows run ({args.model}, canvas {C}, batch 1)", "",
              f"Command: `{doc['command']}`. Median of {args.rounds} rounds of {args.reps} calls.", "",
-             "| rows | trunk ms | partial trunk ms (rest as cached K/V) | head + statistics ms |", "|---|---|---|---|"]
-    lines += [f"| {r['rows']} | {r['trunk_ms']} | {r['partial_trunk_ms']} | {r['head_ms']} |" for r in table]
+             f"A canvas' first step also encodes the prompt ({table[0]['prompt_tokens']} tokens, from an empty cache): "
+             "in a pass of its own before the trunk's, or in the trunk's pass (`prefix`).",
+             "", "| rows | trunk ms | partial trunk ms (rest as cached K/V) | head + statistics ms | "
+             "first step: prompt pass, then trunk ms | first step: one pass ms |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['rows']} | {r['trunk_ms']} | {r['partial_trunk_ms']} | {r['head_ms']} | "
+              f"{r['prompt_then_trunk_ms']} | {r['prompt_with_trunk_ms']} |" for r in table]
     lines += ["", "Least-squares fit, cost = fixed + per row x rows:", ""]
     for k, (a, b) in fits.items():
         share = a / (a + b * C)

@@ -256,9 +256,12 @@ def denoise_canvas_fast(
         else:
             z, am, ent, smp = head_statistics(model.logits(h_scored), T, u)
             new_soft = model.soft_embeds(z)
-        if soft is None:
-            soft = mx.zeros((1, C, new_soft.shape[-1]), dtype=new_soft.dtype)
-        soft = _scatter_rows(soft, mx.array(scored), new_soft, axis=1)
+        if soft is None and len(scored) == C:  # the first step scores every row, in order
+            soft = new_soft
+        else:
+            if soft is None:
+                soft = mx.zeros((1, C, new_soft.shape[-1]), dtype=new_soft.dtype)
+            soft = mx.put_along_axis(soft, mx.array(scored)[None, :, None], new_soft, axis=1)
         to_eval = [am, ent, smp, soft] + ([a for pair in kv for a in pair] if kv is not None else [])
         mx.eval(*to_eval)
 
@@ -304,14 +307,6 @@ def _freeze_on_schedule(frozen: np.ndarray, entropy: np.ndarray, steps_left: int
         return
     k = len(active) if steps_left <= 0 else -(-len(active) // (steps_left + 1))
     frozen[active[np.argsort(entropy[active], kind="stable")[:k]]] = True
-
-
-def _scatter_rows(full: mx.array, rows: mx.array, values: mx.array, axis: int = 2) -> mx.array:
-    if axis == 2:
-        full[:, :, rows] = values
-    else:
-        full[:, rows] = values
-    return full
 
 
 def _prefix_settled(argmax, previous, entropy, eos, gen: GenerationConfig) -> bool:
