@@ -26,8 +26,8 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
 
 
 # On the CPU mx.fast.rms_norm expands into eleven graph nodes, and per-node overhead is most of what
-# a small pass costs there; a compiled norm is five nodes but slower per element (2.5 against 0.7 ns
-# on the CI machine): it wins up to about this many elements (a 48-row canvas at width 96).
+# a small pass costs there; a compiled norm is three nodes but slower per element (2.5 against 0.7
+# ns on the CI machine): it wins up to about this many elements (a 48-row canvas at width 96).
 _CPU_COMPILED_NORM_MAX = 6144
 
 
@@ -138,11 +138,13 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(D, self.eps)
         self.rope = RoPE(spec)
 
-    def __call__(self, x, cache: LayerCache, offset: int, mask: mx.array | None, commit: int, rows: Rows | None = None):
+    def __call__(self, x, cache: LayerCache, offset: int, mask: mx.array | None, commit: int, rows: Rows | None = None,
+                 canvas_only: bool = False):
         """`commit`: how many leading rows are committed tokens, whose K/V are appended to the cache
         (all of them for the encoder, none for a canvas pass, a prefix for a pass that encodes it
         together with a canvas); the other rows are canvas rows, which read the cache. `mask`
-        applies to the committed rows (the encoder's causal mask); canvas rows need none."""
+        applies to the committed rows (the encoder's causal mask); canvas rows need none. With
+        `canvas_only` the committed rows only write their K/V: the output holds the canvas rows."""
         B, L, _ = x.shape
         q = self.q_proj(x).reshape(B, L, self.num_heads, self.head_dim)
         k_raw = self.k_proj(x).reshape(B, L, self.num_kv_heads, self.head_dim)
@@ -172,11 +174,12 @@ class Attention(nn.Module):
             # the committed rows attend as in the encoder, then the canvas rows read the cache they
             # leave (two attentions: only the projections and the feed-forward share the pass)
             ck, cv = cache.extend(k[:, :, :commit], v[:, :, :commit])
-            head = mx.fast.scaled_dot_product_attention(q[:, :, :commit], ck, cv, scale=1.0, mask=mask)
             k, v = cache.read(k[:, :, commit:], v[:, :, commit:])
-            tail = mx.fast.scaled_dot_product_attention(q[:, :, commit:], k, v, scale=1.0)
-            out = mx.concatenate([head, tail], axis=2)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+            out = mx.fast.scaled_dot_product_attention(q[:, :, commit:], k, v, scale=1.0)
+            if not canvas_only:
+                head = mx.fast.scaled_dot_product_attention(q[:, :, :commit], ck, cv, scale=1.0, mask=mask)
+                out = mx.concatenate([head, out], axis=2)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, out.shape[2], -1))
 
 
 def _put_rows(full: mx.array, slots: mx.array, rows: mx.array) -> mx.array:
@@ -269,9 +272,10 @@ class DecoderLayer(nn.Module):
                  last: bool = False):
         """`commit` as in Attention. In the `last` layer the committed rows stop after attention:
         only their K/V was needed, and the output holds the other rows only."""
-        a = self.self_attn(self.input_layernorm(x), cache, offset, mask, commit, rows)
-        if last and commit:
-            x, a = x[:, commit:], a[:, commit:]
+        canvas_only = last and 0 < commit < x.shape[1]
+        a = self.self_attn(self.input_layernorm(x), cache, offset, mask, commit, rows, canvas_only)
+        if canvas_only:
+            x = x[:, commit:]
         r = x + self.post_attention_layernorm(a)
 
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(r)))
