@@ -65,7 +65,8 @@ class Stats:
     row_passes: int = 0  # canvas rows run through the trunk (steps x canvas rows for the reference)
     steps_per_canvas: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
-    prefill_fused: bool = False  # the prompt was encoded by the first denoising pass: no separate rate
+    prefill_fused: bool = False  # the prompt rode along with the first denoising pass: no prefill rate,
+    # and generate_s (committed_tokens_per_s) includes its encode
     generate_s: float = 0.0
     peak_memory_bytes: int = 0
     first_text_s: float | None = None  # request start to the first committed text
