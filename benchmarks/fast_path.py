@@ -185,6 +185,8 @@ def run(model, items, seed: int, modes: list[str], fuse: bool = True) -> list[di
             "ms_per_token": round(1e3 * float(m["wall"].sum() / committed.sum()), 4),
             "row_pass_reduction": round(float(ref["rows"].sum() / m["rows"].sum()), 2),
             "wall_time_reduction": round(float(ref["wall"].sum() / m["wall"].sum()), 2),
+            # items whose prompt rode along with the first canvas step (fused, and no longer than a canvas)
+            "prompt_fused_items": int(np.isnan(m["prompt"]).sum()),
             # with a prompt encoded on its own (--separate-prompt): the same without it, which every mode does alike
             "prompt_ms_per_item": None if fuse else round(1e3 * float(m["prompt"].mean()), 3),
             "denoise_wall_time_reduction": None if fuse else round(
@@ -194,6 +196,14 @@ def run(model, items, seed: int, modes: list[str], fuse: bool = True) -> list[di
     return table
 
 
+def _prompt_schedule(fused: int, items: int) -> str:
+    if fused == items:
+        return "with the first canvas step"
+    if fused == 0:
+        return "in a pass of its own (longer than a canvas, or --separate-prompt)"
+    return f"with the first canvas step for {fused} of {items} items, in a pass of its own for the longer rest"
+
+
 def write(table, args, items) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -201,7 +211,7 @@ def write(table, args, items) -> Path:
     command = "python -m benchmarks.fast_path " + " ".join(args.argv)
     doc = {"benchmark": "fast_path", "command": command, "task": args.task, "model": args.model,
            "bounds": list(args.bounds), "seed": args.seed, "puzzle_seed": args.puzzle_seed,
-           "prompt_encoded": "on its own" if args.separate_prompt else "with the first canvas step",
+           "prompt_encoded": _prompt_schedule(table[0]["prompt_fused_items"], table[0]["puzzles"]),
            "machine": machine_record(shared=args.shared), "rows": table}
     write_text_atomic(out, json.dumps(doc, indent=2))
     ex, acc, grp = items.exact_label, items.accuracy_label, items.group_label

@@ -235,6 +235,8 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert compact["row_passes_per_token"] < compact["mean_steps"]  # frozen rows left the trunk
     assert compact["ms_per_token"] > 0 and compact["puzzles"] == 2
     assert ref["denoise_wall_time_reduction"] is None and compact["prompt_ms_per_item"] is None  # fused
+    # but a Sudoku prompt (82 tokens) is longer than the 81-row canvas: it keeps a pass of its own
+    assert ref["prompt_fused_items"] == 0 and "in a pass of its own" in files[0].with_suffix(".md").read_text()
     assert "| compact |" in files[0].with_suffix(".md").read_text()
 
     files[0].unlink()
@@ -279,7 +281,10 @@ def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypa
     assert ref["row_passes_per_token"] == round(ref["mean_steps"] * 2 * sorting.CANVAS / committed, 3)
     assert set(ref["by_group"]) <= {"1-12", "13-24"}
     assert sum(g["items"] for g in ref["by_group"].values()) == 2
-    assert "| freeze |" in next(tmp_path.glob("fast_path-*.md")).read_text()
+    md = next(tmp_path.glob("fast_path-*.md")).read_text()
+    assert "| freeze |" in md
+    # a sort prompt (49 tokens) is shorter than the 128-row canvas: it rides along with the first step
+    assert ref["prompt_fused_items"] == 2 and "encoded with the first canvas step." in md
     # 16-row canvases, committed one after another until an EOS: at most 16 rows per step
     short = rows["freeze+block_rows=16"]
     assert short["row_passes_per_token"] <= round(short["mean_steps"] * 2 * 16 / committed, 3)
