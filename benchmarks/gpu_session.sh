@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything this project measures on an NVIDIA GPU, in one lease of under 10 minutes:
-#   A. the torch backend's speed against transformers' generate (benchmarks/torch_gpu.py), alone
+#   A. the torch backend's speed against transformers' generate (benchmarks/torch_gpu.py), then the
+#      fast path's gate on the sort model with MLX's CUDA backend (benchmarks/fast_path.py), alone
 #      on the GPU so the timings are clean;
 #   B. then, side by side: training the Sudoku model and its autoregressive baseline with MLX's
 #      CUDA backend (training/sudoku_gpu*.yaml, steps chosen to fit the time left), the CUDA twins
@@ -47,6 +48,13 @@ run)
     timeout "${SPEED_S:-200}" python3 benchmarks/torch_gpu.py --device cuda --skip parity,agreement \
         --canvases 1 --repeats 2 --out "$r" > "$r/torch_speed.log" 2>&1
     echo "A done at $(( $(date +%s) - T0 )) s (rc $?)" | tee -a "$r/timeline.txt"
+    # A2. the fast path's gate on the GPU (MLX's CUDA backend), still alone: the sort model, the
+    # reference against settled and short on the same lists (#6 asks for the wall time on a GPU)
+    touch /tmp/fast_path.marker
+    timeout "${FAST_S:-90}" python3 -m benchmarks.fast_path --task sort --model sort --puzzles "${FAST_LISTS:-100}" \
+        --modes settled,short > "$r/fast_path_gpu.log" 2>&1
+    echo "A2 done at $(( $(date +%s) - T0 )) s (rc $?)" | tee -a "$r/timeline.txt"
+    find benchmarks/results -name 'fast_path-*' -newer /tmp/fast_path.marker -exec cp {} "$r/" \;
 
     # B. training, with the correctness checks alongside
     DEADLINE=$((END - 30))
