@@ -234,6 +234,8 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert ref["row_passes_per_token"] == ref["mean_steps"]  # a full canvas of 81 rows commits 81 digits
     assert compact["row_passes_per_token"] < compact["mean_steps"]  # frozen rows left the trunk
     assert compact["ms_per_token"] > 0 and compact["puzzles"] == 2
+    lo, hi = compact["wall_time_reduction_95ci"]
+    assert lo <= compact["wall_time_reduction"] <= hi and ref["wall_time_reduction_95ci"] == [1.0, 1.0]
     assert ref["denoise_wall_time_reduction"] is None and compact["prompt_ms_per_item"] is None  # fused
     # but a Sudoku prompt (82 tokens) is longer than the 81-row canvas: it keeps a pass of its own
     assert ref["prompt_fused_items"] == 0 and "in a pass of its own" in files[0].with_suffix(".md").read_text()
