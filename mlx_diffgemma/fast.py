@@ -256,11 +256,9 @@ def denoise_canvas_fast(
         else:
             z, am, ent, smp = head_statistics(model.logits(h_scored), T, u)
             new_soft = model.soft_embeds(z)
-        if soft is None and len(scored) == C:  # the first step scores every row, in order
+        if soft is None:  # the first step runs and scores every row, in order
             soft = new_soft
         else:
-            if soft is None:
-                soft = mx.zeros((1, C, new_soft.shape[-1]), dtype=new_soft.dtype)
             soft = mx.put_along_axis(soft, mx.array(scored)[None, :, None], new_soft, axis=1)
         to_eval = [am, ent, smp, soft] + ([a for pair in kv for a in pair] if kv is not None else [])
         mx.eval(*to_eval)

@@ -164,11 +164,8 @@ class Attention(nn.Module):
             if rows.collect is not None:
                 rows.collect.append((k[:, :, commit:], v[:, :, commit:]))
         # scale 1.0: the q/k norms replace 1/sqrt(d)
-        if commit == L:
-            k, v = cache.extend(k, v)
-            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
-        elif commit == 0:
-            k, v = cache.read(k, v)
+        if commit in (0, L):  # all canvas rows, or all committed rows (the encoder)
+            k, v = cache.extend(k, v) if commit else cache.read(k, v)
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         else:
             # the committed rows attend as in the encoder, then the canvas rows read the cache they

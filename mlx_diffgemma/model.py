@@ -46,17 +46,21 @@ class DiffusionGemma(nn.Module):
         h = self.embed(ids)
         masks = {}
         for i, (layer, spec) in enumerate(zip(self.layers, self.config.layers)):
-            cached = cache[i].length
-            key = (spec.is_sliding, cached)
-            if key not in masks:
-                window = self.config.sliding_window if spec.is_sliding else None
-                masks[key] = causal_mask(L, offset, cached, window)
+            mask = self._encoder_mask(masks, spec, L, offset, cache[i].length)
             if i == len(self.layers) - 1:
                 # the last layer only needs to write its K/V: nothing reads its output
-                layer.self_attn(layer.input_layernorm(h), cache[i], offset, masks[key], commit=L)
+                layer.self_attn(layer.input_layernorm(h), cache[i], offset, mask, commit=L)
             else:
-                h = layer(h, cache[i], offset, masks[key], commit=L)
+                h = layer(h, cache[i], offset, mask, commit=L)
         cache.offset += L
+
+    def _encoder_mask(self, masks: dict, spec, L: int, offset: int, cached: int) -> mx.array:
+        """The causal (and, on sliding layers, windowed) mask of L committed rows at `offset` over
+        `cached` + L keys, built once per pass for each layer kind and cache length (`masks`)."""
+        key = (spec.is_sliding, cached)
+        if key not in masks:
+            masks[key] = causal_mask(L, offset, cached, self.config.sliding_window if spec.is_sliding else None)
+        return masks[key]
 
     def denoise(self, canvas: mx.array, cache: Cache, self_cond: mx.array | None = None,
                 prefix: mx.array | None = None) -> mx.array:
@@ -109,13 +113,7 @@ class DiffusionGemma(nn.Module):
             part = None
             if positions is not None:
                 part = Rows(positions, None if canvas_kv is None else canvas_kv[i], slots, kv, tables)
-            mask = None
-            if P:
-                key = (spec.is_sliding, cache[i].length)
-                if key not in masks:
-                    window = self.config.sliding_window if spec.is_sliding else None
-                    masks[key] = causal_mask(P, offset, cache[i].length, window)
-                mask = masks[key]
+            mask = self._encoder_mask(masks, spec, P, offset, cache[i].length) if P else None
             h = layer(h, cache[i], offset, mask, commit=P, rows=part, last=i == last)
         cache.offset += P
         h = self.norm(h)
