@@ -324,3 +324,17 @@ def test_sudoku_eval_takes_sampler_overrides(tmp_path, monkeypatch, capsys):
     assert sudoku_eval.main(["--puzzles", "1", "--t-max", "0.3"]) == 2  # t_max below the model's t_min
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert errors == [f"error: need 0 <= t_min < t_max, got t_min={bundled['t_min']}, t_max=0.3"]
+
+
+def test_pass_overhead_measures_a_small_pass(tmp_path, monkeypatch, capsys):
+    from benchmarks import pass_overhead
+
+    monkeypatch.setattr(pass_overhead, "RESULTS", tmp_path)
+    assert pass_overhead.main(["--model", "sort", "--rounds", "1"]) == 0
+    doc = json.loads(next(tmp_path.glob("pass_overhead-*.json")).read_text())
+    assert doc["eval_us_per_node"] > 0 and doc["gather_mm_us_per_pair_256"] > 0
+    assert doc["nodes_partial_pass_8_rows"] > 100 and doc["nodes_whole_pass"] > 100  # four layers of small ops
+    assert [n["rows"] for n in doc["rms_norm_per_call"]] == [4, 48, 128]
+    assert "graph nodes" in next(tmp_path.glob("pass_overhead-*.md")).read_text()
+    assert pass_overhead.main(["--model", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
