@@ -125,16 +125,23 @@ def run_one(model, prompt: list[int], seed: int, mode: str, gen, fuse: bool = Tr
     return tokens, steps, rows, prompt_s
 
 
-def run(model, items, seed: int, modes: list[str], fuse: bool = True) -> list[dict]:
+def run(model, items, seed: int, modes: list[str], fuse: bool = True, budget_s: float | None = None) -> list[dict]:
+    """Every mode on every item; with `budget_s`, no new item starts once that many seconds have
+    been spent measuring (a time-boxed GPU lease), and the table covers the items done."""
     gen = model.generation_config.override(max_new_tokens=model.config.canvas_length)
     n = len(items)
     # warm-up, so the first mode does not pay for compilation and allocation
     for mode in modes:
         run_one(model, items.prompt(0), seed, mode, gen, fuse)
+    started = time.perf_counter()
     # item by item, every mode in turn: a change in the machine's load during the run then falls
     # on all modes alike instead of on whichever mode was running
     runs = {mode: dict(exact=[], accuracy=[], steps=[], rows=[], wall=[], prompt=[]) for mode in modes}
     for i in range(n):
+        if budget_s is not None and i >= 2 and time.perf_counter() - started > budget_s:
+            print(f"--time-budget {budget_s:g} s spent: stopping after {i} of {n} items", file=sys.stderr)
+            n = i
+            break
         prompt = items.prompt(i)
         for mode in modes:
             tic = time.perf_counter()
@@ -224,6 +231,7 @@ def write(table, args, items) -> Path:
     doc = {"benchmark": "fast_path", "command": command, "task": args.task, "model": args.model,
            "bounds": list(args.bounds), "seed": args.seed, "puzzle_seed": args.puzzle_seed,
            "prompt_encoded": _prompt_schedule(table[0]["prompt_fused_items"], table[0]["puzzles"]),
+           "items_asked": len(items), "mlx_device": str(mx.default_device()),
            "machine": machine_record(shared=args.shared), "rows": table}
     write_text_atomic(out, json.dumps(doc, indent=2))
     ex, acc, grp = items.exact_label, items.accuracy_label, items.group_label
@@ -258,7 +266,13 @@ def write(table, args, items) -> Path:
         lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
     load = (doc["machine"].get("load_average_start") or [float("nan")])[0]
     note = doc["machine"].get("shared_note") or f"no other benchmark on the CPU (1-minute load average {load:.2f} at the start)"
-    lines += ["", f"Machine: {doc['machine'].get('cpu', '?')}, {doc['machine'].get('cpu_count')} cores; {note}"]
+    where = f"{doc['machine'].get('cpu', '?')}, {doc['machine'].get('cpu_count')} cores"
+    if mx.default_device() == mx.gpu:  # MLX on a GPU (Metal, or CUDA on NVIDIA): name the card
+        where = f"MLX on {', '.join(doc['machine'].get('gpus') or ['a GPU'])} (host {where}); {note.split(';')[0]}"
+        note = "the host CPU's load does not price GPU time"
+    if table[0]["puzzles"] < len(items):
+        note += f"; stopped by --time-budget after {table[0]['puzzles']} of {len(items)} items"
+    lines += ["", f"Machine: {where}; {note}"]
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     return out
 
@@ -284,6 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--separate-prompt", action="store_true",
                    help="encode the prompt and each commit in a pass of their own (as before the fused "
                    "first pass), and report the wall time without the prompt too")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="start no new item after this many seconds of measuring; report the items done")
     p.add_argument("--modes", default=None,
                    help="comma-separated modes; a mode may carry knobs, e.g. compact+refresh_every=8 "
                    "(default: every named mode the model can run)")
@@ -310,7 +326,7 @@ def main(argv=None) -> int:
         return 2
     if "reference" not in modes:
         modes.insert(0, "reference")
-    table = run(model, items, args.seed, modes, fuse=not args.separate_prompt)
+    table = run(model, items, args.seed, modes, fuse=not args.separate_prompt, budget_s=args.time_budget)
     out = write(table, args, items)
     print(out.with_suffix(".md").read_text())
     print(f"wrote {out}")

@@ -1,33 +1,45 @@
 #!/usr/bin/env bash
 # Everything this project measures on an NVIDIA GPU, in one lease of under 10 minutes:
-#   A. the torch backend's speed against transformers' generate (benchmarks/torch_gpu.py), then the
-#      fast path's gate on the sort model with MLX's CUDA backend (benchmarks/fast_path.py), alone
-#      on the GPU so the timings are clean;
-#   B. then, side by side: training the Sudoku model and its autoregressive baseline with MLX's
-#      CUDA backend (training/sudoku_gpu*.yaml, steps chosen to fit the time left), the CUDA twins
-#      of the kernels against their fallbacks (doctor --recheck, and the kernel and fast-path
-#      tests with MLX on the GPU), and the torch parity suite and bf16 agreement on CUDA.
+#   A. alone on the GPU, so the timings are clean: the fast path's gate on the sort model with
+#      MLX's CUDA backend (benchmarks/fast_path.py, time-boxed), then the torch backend's speed
+#      against transformers' generate (benchmarks/torch_gpu.py);
+#   B. then, side by side: a GPU stage of the Sudoku model and of its autoregressive twin, each
+#      continued from its stage 8 at batch 512 (training/sudoku_gpu_finetune_*.yaml, steps chosen to
+#      fit the time left), the CUDA twins of the kernels against their fallbacks (doctor --recheck,
+#      and the kernel and fast-path tests with MLX on the GPU in full fp32), and the torch parity
+#      suite and bf16 agreement on CUDA.
 #
 # The GPU machine is offline and takes 64 MiB of files per command, so MLX travels in two halves.
 # Here, once:   bash ../shared/tools/mlx-cuda-carry.sh          # -> .mlxcuda1/ .mlxcuda2/
-#               bash benchmarks/gpu_session.sh prepare           # -> .whl/ (mlx-lm, transformers)
+#               bash benchmarks/gpu_session.sh prepare           # -> .whl/ (mlx-lm, transformers),
+#                                                                #    .gpuinit/ (stage-8 weights)
 # There, two back-to-back commands while the machine stays up:
-#   1) carry .mlxcuda1:           bash benchmarks/gpu_session.sh part1
-#   2) carry .mlxcuda2 and .whl:  bash benchmarks/gpu_session.sh run
+#   1) carry .mlxcuda1 and .gpuinit:  bash benchmarks/gpu_session.sh part1
+#   2) carry .mlxcuda2 and .whl:      bash benchmarks/gpu_session.sh run
 # `run` ends inside TOTAL_S seconds (default 560) and leaves in $OUT: results.tar.gz (logs and
 # JSON/Markdown results) and models.tar.part_* (the two trained Sudoku models; cat, then untar).
+# DRY=1 bash benchmarks/gpu_session.sh run   rehearses it here on the CPU (no unpacking, torch on the
+# CPU, short budgets), so a mistake in this script does not cost a lease.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 case "${1:-}" in
 prepare)
-    grep -qxF "/.whl/" .git/info/exclude || echo "/.whl/" >> .git/info/exclude
+    for d in /.whl/ /.gpuinit/; do grep -qxF "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
     rm -rf .whl && mkdir -p .whl
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl mlx-lm==0.32.2 transformers==5.24.0
-    ls -la .whl
+    # the stage-8 weights the GPU stage starts from (runs/ is not in git), without optimizer state
+    rm -rf .gpuinit && mkdir -p .gpuinit
+    for obj in diffusion autoregressive; do
+        src="runs/sudoku-$obj-stage8/checkpoints/step-0002800"
+        [ -f "$src/model.safetensors" ] || { echo "missing $src: train stages 1-8 first (docs/sudoku.md)"; exit 2; }
+        mkdir -p ".gpuinit/$obj" && find "$src" -maxdepth 1 -type f -exec cp {} ".gpuinit/$obj/" \;
+    done
+    du -sh .whl .gpuinit
     ;;
 part1)
     mkdir -p /tmp/mlxparts && cp .mlxcuda1/* /tmp/mlxparts/
+    rm -rf /tmp/gpuinit && cp -r .gpuinit /tmp/gpuinit
     nvidia-smi -L
     ;;
 run)
@@ -36,46 +48,70 @@ run)
     out="${OUT:-benchmarks/results/gpu-session}"
     r="$out/r"
     mkdir -p "$r"
-    cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
-    cat /tmp/mlxparts/part_* | xz -d | tar x -C /tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    stamp() { echo "$1 at $(( $(date +%s) - T0 )) s${2:+ (rc $2)}" | tee -a "$r/timeline.txt"; }
+    if [ -z "${DRY:-}" ]; then
+        TORCH_DEV=cuda MLX_DEV=gpu
+        cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
+        cat /tmp/mlxparts/part_* | xz -d | tar x -C /tmp/site
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH="/tmp/site:$PWD"
+        INIT=/tmp/gpuinit
+    else  # a rehearsal on this machine's CPU
+        TORCH_DEV=cpu MLX_DEV=cpu INIT=.gpuinit
+        export PYTHONPATH="$PWD" MLX_DIFFGEMMA_TEST_DEVICE=cpu
+    fi
+    export PYTHONUNBUFFERED=1
+    for obj in diffusion autoregressive; do
+        dst="runs/sudoku-$obj-stage8/checkpoints/step-0002800"
+        [ -f "$dst/model.safetensors" ] || { mkdir -p "$(dirname "$dst")" && cp -r "$INIT/$obj" "$dst"; }
+    done
     python3 -c "import mlx.core as mx, torch, transformers; print('mlx', mx.__version__, mx.default_device(), \
-'| torch', torch.__version__, torch.cuda.get_device_name(), '| transformers', transformers.__version__)" 2>&1 | tee "$r/versions.txt"
-    echo "unpacked in $(( $(date +%s) - T0 )) s"
+'| torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', \
+'| transformers', transformers.__version__)" 2>&1 | tee "$r/versions.txt"
+    nvidia-smi > "$r/nvidia-smi.txt" 2>&1
+    stamp unpacked
 
-    # A. speed, alone on the GPU
-    timeout "${SPEED_S:-200}" python3 benchmarks/torch_gpu.py --device cuda --skip parity,agreement \
-        --canvases 1 --repeats 2 --out "$r" > "$r/torch_speed.log" 2>&1
-    echo "A done at $(( $(date +%s) - T0 )) s (rc $?)" | tee -a "$r/timeline.txt"
-    # A2. the fast path's gate on the GPU (MLX's CUDA backend), still alone: the sort model, the
-    # reference against settled and short on the same lists (#6 asks for the wall time on a GPU)
+    # A1. the fast path's gate on the GPU (MLX's CUDA backend), alone: the sort model, the reference
+    # against settled and short on the same lists (#6 asks for the wall time on a GPU)
     touch /tmp/fast_path.marker
-    timeout "${FAST_S:-90}" python3 -m benchmarks.fast_path --task sort --model sort --puzzles "${FAST_LISTS:-100}" \
-        --modes settled,short > "$r/fast_path_gpu.log" 2>&1
-    echo "A2 done at $(( $(date +%s) - T0 )) s (rc $?)" | tee -a "$r/timeline.txt"
+    timeout "${FAST_S:-100}" python3 -m benchmarks.fast_path --task sort --model sort --puzzles "${FAST_LISTS:-100}" \
+        --modes settled,short --time-budget "${FAST_BUDGET_S:-60}" > "$r/fast_path_gpu.log" 2>&1
+    stamp "A1 fast path" $?
     find benchmarks/results -name 'fast_path-*' -newer /tmp/fast_path.marker -exec cp {} "$r/" \;
+    # A2. the torch backend's speed against transformers, still alone
+    timeout "${SPEED_S:-150}" python3 benchmarks/torch_gpu.py --device "$TORCH_DEV" --skip parity,agreement,trained \
+        --canvases 1 --repeats 2 ${SPEED_ARGS:-} --out "$r" > "$r/torch_speed.log" 2>&1
+    stamp "A2 torch speed" $?
 
     # B. training, with the correctness checks alongside
     DEADLINE=$((END - 30))
     mkdir -p /tmp/models
-    timeout $((END - $(date +%s))) python3 training/train_sudoku.py --config training/sudoku_gpu.yaml --device gpu \
-        --budget-s $((DEADLINE - $(date +%s))) --safety 0.6 --steps-file /tmp/steps --deadline "$DEADLINE" \
+    rm -f /tmp/steps
+    # steps: what fits the time left, from a timed probe (a rehearsal trains 2 steps; a CPU step is ~35 s)
+    if [ -z "${DRY:-}" ]; then steps="--budget-s $((DEADLINE - $(date +%s))) --safety 0.6 --steps-file /tmp/steps"
+    else steps="--steps 2" && echo 2 > /tmp/steps; fi
+    timeout $((END - $(date +%s))) python3 training/train_sudoku.py --config training/sudoku_gpu_finetune_diffusion.yaml \
+        --device "$MLX_DEV" $steps --deadline "$DEADLINE" \
         --out-dir /tmp/run-diffusion --export /tmp/models/sudoku > "$r/train_diffusion.log" 2>&1 &
     dpid=$!
-    # the baseline trains for the steps the diffusion run chose, alongside it; not at all if that run failed
+    # the twin trains for the steps the diffusion run chose, alongside it; not at all if that run failed
     (while [ ! -f /tmp/steps ] && kill -0 $dpid 2>/dev/null; do sleep 1; done
      [ -f /tmp/steps ] && exec timeout $((END - $(date +%s))) python3 training/train_sudoku.py --baseline \
-        --config training/sudoku_gpu_autoregressive.yaml --device gpu --steps "$(cat /tmp/steps)" --deadline "$DEADLINE" \
-        --out-dir /tmp/run-autoregressive --export /tmp/models/sudoku-autoregressive) > "$r/train_autoregressive.log" 2>&1 &
+        --config training/sudoku_gpu_finetune_autoregressive.yaml --device "$MLX_DEV" --steps "$(cat /tmp/steps)" \
+        --deadline "$DEADLINE" --out-dir /tmp/run-autoregressive --export /tmp/models/sudoku-autoregressive) \
+        > "$r/train_autoregressive.log" 2>&1 &
     timeout 120 python3 -m mlx_diffgemma.doctor --json --recheck --budget 10 > "$r/doctor-cuda.json" 2> "$r/doctor.log"
-    MLX_DIFFGEMMA_TEST_DEVICE=gpu timeout 150 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_epilogue.py tests/test_kernels.py tests/test_fast.py > "$r/pytest-mlx-cuda.log" 2>&1
-    MLX_DIFFGEMMA_TEST_DEVICE=cpu timeout $((DEADLINE - $(date +%s))) python3 benchmarks/torch_gpu.py --device cuda \
-        --skip speed --parity-timeout 200 --out "$r" > "$r/torch_parity.log" 2>&1
-    echo "checks done at $(( $(date +%s) - T0 )) s" | tee -a "$r/timeline.txt"
+    stamp "B doctor" $?
+    # full fp32 (MLX's CUDA backend runs fp32 matmuls in TF32 by default): the tests compare paths exactly
+    MLX_ENABLE_TF32=0 MLX_DIFFGEMMA_TEST_DEVICE="$MLX_DEV" timeout 150 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_epilogue.py tests/test_kernels.py tests/test_fast.py > "$r/pytest-mlx-$MLX_DEV.log" 2>&1
+    stamp "B mlx tests" $?
+    MLX_DIFFGEMMA_TEST_DEVICE=cpu timeout $((DEADLINE - $(date +%s))) python3 benchmarks/torch_gpu.py --device "$TORCH_DEV" \
+        --skip speed ${PARITY_ARGS:-} --parity-timeout 200 --out "$r" > "$r/torch_parity.log" 2>&1
+    stamp "B torch parity" $?
     wait
-    echo "training done at $(( $(date +%s) - T0 )) s" | tee -a "$r/timeline.txt"
+    stamp "training done"
+    cp /tmp/run-diffusion/*.json /tmp/run-autoregressive/*.json "$r/" 2>/dev/null
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$r/gpu.csv" 2>&1
     tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
     [ -d /tmp/models ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
