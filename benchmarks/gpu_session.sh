@@ -117,6 +117,47 @@ run)
     [ -d /tmp/models ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
     ls -la "$out"
     ;;
+twin)
+    # The autoregressive twin alone, for STEPS steps (what the diffusion stage trained), after a
+    # 3-step probe under each MLX CUDA setting in turn: on 2026-11-28 its first step stopped with
+    # `cudaGraphAddKernelNode ... invalid argument` beside the diffusion run. Also the epilogue tests.
+    T0=$(date +%s)
+    END=$((T0 + ${TOTAL_S:-300}))
+    out="${OUT:-benchmarks/results/gpu-session}"
+    r="$out/r"
+    mkdir -p "$r" /tmp/models
+    stamp() { echo "$1 at $(( $(date +%s) - T0 )) s${2:+ (rc $2)}" | tee -a "$r/timeline.txt"; }
+    cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
+    cat /tmp/mlxparts/part_* | xz -d | tar x -C /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    dst="runs/sudoku-autoregressive-stage8/checkpoints/step-0002800"
+    [ -f "$dst/model.safetensors" ] || { mkdir -p "$(dirname "$dst")" && cp -r /tmp/gpuinit/autoregressive "$dst"; }
+    stamp unpacked
+    MLX_ENABLE_TF32=0 MLX_DIFFGEMMA_TEST_DEVICE=gpu timeout 90 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_epilogue.py > "$r/pytest-epilogue-gpu.log" 2>&1 &
+    cfg=training/sudoku_gpu_finetune_autoregressive.yaml
+    chosen=none
+    for setting in "MLX_USE_CUDA_GRAPHS=1" "MLX_USE_CUDA_GRAPHS=0" "MLX_CUDA_USE_CUDNN_SDPA=0" \
+                   "MLX_USE_CUDA_GRAPHS=0 MLX_CUDA_USE_CUDNN_SDPA=0"; do
+        env $setting timeout 60 python3 training/train_sudoku.py --baseline --config $cfg --device gpu --steps 3 \
+            --out-dir "/tmp/probe-$RANDOM" --no-export >> "$r/twin_probes.log" 2>&1
+        rc=$?
+        stamp "probe $setting" $rc
+        [ $rc -eq 0 ] && { chosen="$setting"; break; }
+    done
+    if [ "$chosen" != none ]; then
+        DEADLINE=$((END - 25))
+        env $chosen timeout $((END - $(date +%s))) python3 training/train_sudoku.py --baseline --config $cfg --device gpu \
+            --steps "${STEPS:-1600}" --deadline "$DEADLINE" --out-dir /tmp/run-autoregressive \
+            --export /tmp/models/sudoku-autoregressive > "$r/train_autoregressive.log" 2>&1
+        stamp "twin trained under $chosen" $?
+    fi
+    wait
+    tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
+    [ -d /tmp/models/sudoku-autoregressive ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
+    ls -la "$out"
+    ;;
 *)
     sed -n 2,18p "$0"
     exit 2

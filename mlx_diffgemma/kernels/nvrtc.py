@@ -81,10 +81,18 @@ def find_nvrtc() -> tuple[ctypes.CDLL, list[str]] | None:
     for builtins in (p for p in libs if "builtins" in p):  # NVRTC dlopens it by soname: load it first
         ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
     lib = next(p for p in libs if "builtins" not in p)
-    # cu13 wheels share one folder; cu12 ones keep the runtime headers in cuda_runtime/
-    includes = [d for d in (root / "include", root / "include" / "cccl", root.parent / "cuda_runtime" / "include")
-                if d.is_dir()]
+    # cu13 wheels share one folder; cu12 ones keep the runtime headers in cuda_runtime/; a CUDA
+    # toolkit, where one is installed, supplies CCCL headers (<nv/target>) that some wheel sets lack
+    toolkit = Path(os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda") / "include"
+    candidates = (root / "include", root / "include" / "cccl", root.parent / "cuda_runtime" / "include",
+                  toolkit, toolkit / "cccl")
+    includes = [d for d in candidates if d.is_dir()]
     return ctypes.CDLL(lib), [str(d) for d in includes]
+
+
+def headers_complete(includes: list[str]) -> bool:
+    """Whether the include dirs hold what <cooperative_groups.h> pulls in (CCCL's <nv/target>)."""
+    return any((Path(d) / "nv" / "target").is_file() for d in includes)
 
 
 def compile_check(unit: str, name: str = "kernel.cu", arch: str = "compute_90") -> tuple[bool, str]:
