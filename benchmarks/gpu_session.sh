@@ -23,6 +23,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+# MLX's CUDA backend (both halves, sent by part1 and this call) and the carried wheels, into /tmp/site
+unpack() {
+    cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
+    cat /tmp/mlxparts/part_* | xz -d | tar x -C /tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:$PWD"
+}
+
 case "${1:-}" in
 prepare)
     for d in /.whl/ /.gpuinit/; do grep -qxF "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
@@ -51,10 +59,7 @@ run)
     stamp() { echo "$1 at $(( $(date +%s) - T0 )) s${2:+ (rc $2)}" | tee -a "$r/timeline.txt"; }
     if [ -z "${DRY:-}" ]; then
         TORCH_DEV=cuda MLX_DEV=gpu
-        cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
-        cat /tmp/mlxparts/part_* | xz -d | tar x -C /tmp/site
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-        export PYTHONPATH="/tmp/site:$PWD"
+        unpack
         INIT=/tmp/gpuinit
     else  # a rehearsal on this machine's CPU
         TORCH_DEV=cpu MLX_DEV=cpu INIT=.gpuinit
@@ -127,10 +132,7 @@ twin)
     r="$out/r"
     mkdir -p "$r" /tmp/models
     stamp() { echo "$1 at $(( $(date +%s) - T0 )) s${2:+ (rc $2)}" | tee -a "$r/timeline.txt"; }
-    cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
-    cat /tmp/mlxparts/part_* | xz -d | tar x -C /tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    unpack && export PYTHONUNBUFFERED=1
     dst="runs/sudoku-autoregressive-stage8/checkpoints/step-0002800"
     [ -f "$dst/model.safetensors" ] || { mkdir -p "$(dirname "$dst")" && cp -r /tmp/gpuinit/autoregressive "$dst"; }
     stamp unpacked
@@ -156,6 +158,26 @@ twin)
     wait
     tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
     [ -d /tmp/models/sudoku-autoregressive ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
+    ls -la "$out"
+    ;;
+stage)
+    # One more GPU stage of the diffusion model (CONFIG, STEPS fixed: no probe, the lease is short),
+    # from the weights part1 brought in .gpuinit/from (placed where CONFIG's init_from looks).
+    T0=$(date +%s)
+    END=$((T0 + ${TOTAL_S:-200}))
+    out="${OUT:-benchmarks/results/gpu-session}"
+    r="$out/r"
+    mkdir -p "$r" /tmp/models
+    unpack && export PYTHONUNBUFFERED=1
+    dst="${INIT_AT:?the init_from path of CONFIG}"
+    [ -f "$dst/model.safetensors" ] || { mkdir -p "$(dirname "$dst")" && cp -r /tmp/gpuinit/from "$dst"; }
+    echo "unpacked at $(( $(date +%s) - T0 )) s" | tee -a "$r/timeline.txt"
+    timeout $((END - $(date +%s))) python3 training/train_sudoku.py --config "${CONFIG:?a training config}" --device gpu \
+        --steps "${STEPS:?steps}" --deadline $((END - 20)) --out-dir /tmp/run-stage --export /tmp/models/sudoku \
+        > "$r/train_diffusion.log" 2>&1
+    echo "trained at $(( $(date +%s) - T0 )) s (rc $?)" | tee -a "$r/timeline.txt"
+    tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
+    [ -d /tmp/models/sudoku ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
     ls -la "$out"
     ;;
 *)
