@@ -31,6 +31,8 @@ The config file (YAML or JSON):
     generation: {...}             # generation_config.json of the checkpoints, applied again on export
     steps: 3000
     batch_size: 64
+    micro_batches: 1              # split each batch into this many equal slices (same update, less memory;
+                                  # works around MLX CUDA's launch limit on large batches)
     learning_rate: 1.0e-3
     warmup_steps: 100
     weight_decay: 0.0
@@ -57,7 +59,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .files import atomic_dir
@@ -81,6 +83,7 @@ class TrainConfig:
     generation: dict = field(default_factory=dict)
     steps: int = 1000
     batch_size: int = 32
+    micro_batches: int = 1
     learning_rate: float = 1e-3
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -142,9 +145,11 @@ class TrainConfig:
             bad(f"task is {self.task!r}, known tasks: {', '.join(sorted(TASKS))}")
         if (self.model is None) == (self.init_from is None):
             bad("give exactly one of `model` (a fresh network) or `init_from` (a checkpoint directory)")
-        for name in ("steps", "batch_size", "save_every", "log_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "micro_batches", "save_every", "log_every", "keep_checkpoints"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.batch_size % self.micro_batches:
+            bad(f"batch_size {self.batch_size} is not a multiple of micro_batches {self.micro_batches}")
         if not 0 < self.eps < 1:
             bad(f"eps must be in (0, 1), got {self.eps}")
         if not 0 <= self.self_cond_prob <= 1:
@@ -479,6 +484,19 @@ def schedule(cfg: TrainConfig):
     return optim.join_schedules([warm, decay], [max(1, cfg.warmup_steps)])
 
 
+def accumulate(loss_and_grad, args, n: int):
+    """(loss, grads) of a batch-mean loss over `args` (batch first), from `n` equal slices of the batch:
+    the mean of the slices' losses and gradients is the whole batch's."""
+    if n == 1:
+        return loss_and_grad(*args)
+    loss, grads = 0.0, None
+    for part in zip(*(mx.split(a, n) for a in args)):
+        l, g = loss_and_grad(*part)
+        loss = loss + l / n
+        grads = tree_map(lambda x: x / n, g) if grads is None else tree_map(lambda a, b: a + b / n, grads, g)
+    return loss, grads
+
+
 def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | None = None, on_step=None,
           deadline: float | None = None) -> Path:
     """Run (or resume) training; returns the directory of the last checkpoint. `stop_at` ends the
@@ -509,8 +527,10 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
             return autoregressive_loss(model, *args[:2])
         return diffusion_loss(model, *args)
 
+    loss_and_grad = nn.value_and_grad(model, loss_fn)
+
     def update(*args):
-        loss, grads = nn.value_and_grad(model, loss_fn)(*args)
+        loss, grads = accumulate(loss_and_grad, args, cfg.micro_batches)
         if cfg.grad_clip:
             grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
         optimizer.update(model, grads)

@@ -249,6 +249,18 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
         assert rows["compact"][key] == compact[key]
 
 
+def test_fast_path_time_budget_stops_early_and_says_so(tmp_path, monkeypatch):
+    from benchmarks import fast_path
+
+    monkeypatch.setattr(fast_path, "RESULTS", tmp_path)
+    # a budget already spent: the two items a standard error needs, then it stops
+    assert fast_path.main(["--puzzles", "4", "--givens", "48", "50", "--modes", "settled", "--time-budget", "0"]) == 0
+    out = next(tmp_path.glob("fast_path-*.json"))
+    doc = json.loads(out.read_text())
+    assert doc["items_asked"] == 4 and all(r["puzzles"] == 2 for r in doc["rows"])
+    assert "stopped by --time-budget after 2 of 4 items" in out.with_suffix(".md").read_text()
+
+
 def test_fast_path_default_modes_skip_what_the_model_cannot_run(tmp_path, monkeypatch):
     from benchmarks import fast_path
     from mlx_diffgemma.fast import MODES
