@@ -3,9 +3,10 @@
 #   A. alone on the GPU, so the timings are clean: the fast path's gate on the sort model with
 #      MLX's CUDA backend (benchmarks/fast_path.py, time-boxed), then the torch backend's speed
 #      against transformers' generate (benchmarks/torch_gpu.py);
-#   B. then, side by side: a GPU stage of the Sudoku model and of its autoregressive twin, each
-#      continued from its stage 8 at batch 512 (training/sudoku_gpu_finetune_*.yaml, steps chosen to
-#      fit the time left), the CUDA twins of the kernels against their fallbacks (doctor --recheck,
+#   B. then, side by side: the Sudoku model and its autoregressive twin (DIFF_CONFIG and AR_CONFIG;
+#      by default the 4.2 M-parameter training/sudoku_gpu*.yaml from scratch, steps chosen to fit
+#      the time left; on 2026-11-28 it was training/sudoku_gpu_finetune_*.yaml, from stage 8), the
+#      CUDA twins of the kernels against their fallbacks (doctor --recheck,
 #      and the kernel and fast-path tests with MLX on the GPU in full fp32), and the torch parity
 #      suite and bf16 agreement on CUDA.
 #
@@ -22,7 +23,9 @@
 # issue #9's comparison the 2026-11-28 lease could not finish); `stage` trains one more diffusion
 # stage (CONFIG, STEPS, INIT_AT; its starting weights in .gpuinit/from).
 # DRY=1 bash benchmarks/gpu_session.sh run   rehearses `run` here on the CPU (no unpacking, torch on
-# the CPU, short budgets), so a mistake in this script does not cost a lease.
+# the CPU, 2 training steps), so a mistake in this script does not cost a lease. Add
+# DIFF_CONFIG=training/sudoku_gpu_finetune_diffusion.yaml AR_CONFIG=training/sudoku_gpu_finetune_autoregressive.yaml:
+# two 4.2 M-parameter models at batch 512 were killed for memory on a 24 GB machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,6 +82,8 @@ run)
     nvidia-smi > "$r/nvidia-smi.txt" 2>&1
     stamp unpacked
 
+    # A (skipped with SKIP_A=1, to give training the whole lease; both ran on 2026-11-28)
+    if [ -z "${SKIP_A:-}" ]; then
     # A1. the fast path's gate on the GPU (MLX's CUDA backend), alone: the sort model, the reference
     # against settled and short on the same lists (#6 asks for the wall time on a GPU)
     touch /tmp/fast_path.marker
@@ -90,6 +95,7 @@ run)
     timeout "${SPEED_S:-150}" python3 benchmarks/torch_gpu.py --device "$TORCH_DEV" --skip parity,agreement,trained \
         --canvases 1 --repeats 2 ${SPEED_ARGS:-} --out "$r" > "$r/torch_speed.log" 2>&1
     stamp "A2 torch speed" $?
+    fi
 
     # B. training, with the correctness checks alongside
     DEADLINE=$((END - 30))
@@ -98,14 +104,14 @@ run)
     # steps: what fits the time left, from a timed probe (a rehearsal trains 2 steps; a CPU step is ~35 s)
     if [ -z "${DRY:-}" ]; then steps="--budget-s $((DEADLINE - $(date +%s))) --safety 0.6 --steps-file /tmp/steps"
     else steps="--steps 2" && echo 2 > /tmp/steps; fi
-    timeout $((END - $(date +%s))) python3 training/train_sudoku.py --config training/sudoku_gpu_finetune_diffusion.yaml \
+    timeout $((END - $(date +%s))) python3 training/train_sudoku.py --config "${DIFF_CONFIG:-training/sudoku_gpu.yaml}" \
         --device "$MLX_DEV" $steps --deadline "$DEADLINE" \
         --out-dir /tmp/run-diffusion --export /tmp/models/sudoku > "$r/train_diffusion.log" 2>&1 &
     dpid=$!
     # the twin trains for the steps the diffusion run chose, alongside it; not at all if that run failed
     (while [ ! -f /tmp/steps ] && kill -0 $dpid 2>/dev/null; do sleep 1; done
      [ -f /tmp/steps ] && exec timeout $((END - $(date +%s))) python3 training/train_sudoku.py --baseline \
-        --config training/sudoku_gpu_finetune_autoregressive.yaml --device "$MLX_DEV" --steps "$(cat /tmp/steps)" \
+        --config "${AR_CONFIG:-training/sudoku_gpu_autoregressive.yaml}" --device "$MLX_DEV" --steps "$(cat /tmp/steps)" \
         --deadline "$DEADLINE" --out-dir /tmp/run-autoregressive --export /tmp/models/sudoku-autoregressive) \
         > "$r/train_autoregressive.log" 2>&1 &
     timeout 120 python3 -m mlx_diffgemma.doctor --json --recheck --budget 10 > "$r/doctor-cuda.json" 2> "$r/doctor.log"
