@@ -29,6 +29,24 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+# A timed part: T0, END (T0 + $1 s), the results folder $r under $OUT, and a timeline
+begin() {
+    T0=$(date +%s)
+    END=$((T0 + $1))
+    out="${OUT:-benchmarks/results/gpu-session}"
+    r="$out/r"
+    mkdir -p "$r" /tmp/models
+}
+stamp() { echo "$1 at $(( $(date +%s) - T0 )) s${2:+ (rc $2)}" | tee -a "$r/timeline.txt"; }
+# starting weights $1 where a config's init_from ($2) looks, unless already there
+place() { [ -f "$2/model.safetensors" ] || { mkdir -p "$(dirname "$2")" && cp -r "$1" "$2"; }; }
+# results.tar.gz and, when the model $1 was written, models.tar.part_* into $OUT
+finish() {
+    tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
+    [ -d "$1" ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
+    ls -la "$out"
+}
+
 # MLX's CUDA backend (both halves, sent by part1 and this call) and the carried wheels, into /tmp/site
 unpack() {
     cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
@@ -57,12 +75,7 @@ part1)
     nvidia-smi -L
     ;;
 run)
-    T0=$(date +%s)
-    END=$((T0 + ${TOTAL_S:-560}))
-    out="${OUT:-benchmarks/results/gpu-session}"
-    r="$out/r"
-    mkdir -p "$r"
-    stamp() { echo "$1 at $(( $(date +%s) - T0 )) s${2:+ (rc $2)}" | tee -a "$r/timeline.txt"; }
+    begin "${TOTAL_S:-560}"
     if [ -z "${DRY:-}" ]; then
         TORCH_DEV=cuda MLX_DEV=gpu
         unpack
@@ -72,10 +85,7 @@ run)
         export PYTHONPATH="$PWD" MLX_DIFFGEMMA_TEST_DEVICE=cpu
     fi
     export PYTHONUNBUFFERED=1
-    for obj in diffusion autoregressive; do
-        dst="runs/sudoku-$obj-stage8/checkpoints/step-0002800"
-        [ -f "$dst/model.safetensors" ] || { mkdir -p "$(dirname "$dst")" && cp -r "$INIT/$obj" "$dst"; }
-    done
+    for obj in diffusion autoregressive; do place "$INIT/$obj" "runs/sudoku-$obj-stage8/checkpoints/step-0002800"; done
     python3 -c "import mlx.core as mx, torch, transformers; print('mlx', mx.__version__, mx.default_device(), \
 '| torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', \
 '| transformers', transformers.__version__)" 2>&1 | tee "$r/versions.txt"
@@ -90,7 +100,7 @@ run)
     timeout "${FAST_S:-100}" python3 -m benchmarks.fast_path --task sort --model sort --puzzles "${FAST_LISTS:-100}" \
         --modes settled,short --time-budget "${FAST_BUDGET_S:-60}" > "$r/fast_path_gpu.log" 2>&1
     stamp "A1 fast path" $?
-    find benchmarks/results -name 'fast_path-*' -newer /tmp/fast_path.marker -exec cp {} "$r/" \;
+    find benchmarks/results -name 'fast_path-*' -newer /tmp/fast_path.marker -exec mv {} "$r/" \;  # out of the tree: they come back in $OUT
     # A2. the torch backend's speed against transformers, still alone
     timeout "${SPEED_S:-150}" python3 benchmarks/torch_gpu.py --device "$TORCH_DEV" --skip parity,agreement,trained \
         --canvases 1 --repeats 2 ${SPEED_ARGS:-} --out "$r" > "$r/torch_speed.log" 2>&1
@@ -99,7 +109,6 @@ run)
 
     # B. training, with the correctness checks alongside
     DEADLINE=$((END - 30))
-    mkdir -p /tmp/models
     rm -f /tmp/steps
     # steps: what fits the time left, from a timed probe (a rehearsal trains 2 steps; a CPU step is ~35 s)
     if [ -z "${DRY:-}" ]; then steps="--budget-s $((DEADLINE - $(date +%s))) --safety 0.6 --steps-file /tmp/steps"
@@ -127,24 +136,16 @@ run)
     stamp "training done"
     cp /tmp/run-diffusion/*.json /tmp/run-autoregressive/*.json "$r/" 2>/dev/null
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$r/gpu.csv" 2>&1
-    tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
-    [ -d /tmp/models ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
-    ls -la "$out"
+    finish /tmp/models/sudoku
     ;;
 twin)
     # The autoregressive twin of the two GPU stages, alone: stage 1 (STEPS1, default 1600) from its
     # stage 8, then stage 2 (STEPS2, default 1000), as the diffusion model trained on 2026-11-28.
     # Both configs split each batch of 512 in two (micro_batches): at 512 in one piece the twin's
     # first step failed to launch under MLX 0.32.4 CUDA, whatever the setting (twin_probes.log).
-    T0=$(date +%s)
-    END=$((T0 + ${TOTAL_S:-560}))
-    out="${OUT:-benchmarks/results/gpu-session}"
-    r="$out/r"
-    mkdir -p "$r" /tmp/models
-    stamp() { echo "$1 at $(( $(date +%s) - T0 )) s${2:+ (rc $2)}" | tee -a "$r/timeline.txt"; }
+    begin "${TOTAL_S:-560}"
     unpack && export PYTHONUNBUFFERED=1
-    dst="runs/sudoku-autoregressive-stage8/checkpoints/step-0002800"
-    [ -f "$dst/model.safetensors" ] || { mkdir -p "$(dirname "$dst")" && cp -r /tmp/gpuinit/autoregressive "$dst"; }
+    place /tmp/gpuinit/autoregressive runs/sudoku-autoregressive-stage8/checkpoints/step-0002800
     stamp unpacked
     timeout $((END - $(date +%s))) python3 training/train_sudoku.py --baseline --device gpu \
         --config training/sudoku_gpu_finetune_autoregressive.yaml --steps "${STEPS1:-1600}" --deadline $((END - 20)) \
@@ -154,29 +155,20 @@ twin)
         --config training/sudoku_gpu_finetune2_autoregressive.yaml --steps "${STEPS2:-1000}" --deadline $((END - 20)) \
         --export /tmp/models/sudoku-autoregressive > "$r/train_gpu_stage2_autoregressive.log" 2>&1
     stamp "twin stage 2" $?
-    tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
-    [ -d /tmp/models/sudoku-autoregressive ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
-    ls -la "$out"
+    finish /tmp/models/sudoku-autoregressive
     ;;
 stage)
     # One more GPU stage of the diffusion model (CONFIG, STEPS fixed: no probe, the lease is short),
     # from the weights part1 brought in .gpuinit/from (placed where CONFIG's init_from looks).
-    T0=$(date +%s)
-    END=$((T0 + ${TOTAL_S:-200}))
-    out="${OUT:-benchmarks/results/gpu-session}"
-    r="$out/r"
-    mkdir -p "$r" /tmp/models
+    begin "${TOTAL_S:-200}"
     unpack && export PYTHONUNBUFFERED=1
-    dst="${INIT_AT:?the init_from path of CONFIG}"
-    [ -f "$dst/model.safetensors" ] || { mkdir -p "$(dirname "$dst")" && cp -r /tmp/gpuinit/from "$dst"; }
-    echo "unpacked at $(( $(date +%s) - T0 )) s" | tee -a "$r/timeline.txt"
+    place /tmp/gpuinit/from "${INIT_AT:?the init_from path of CONFIG}"
+    stamp unpacked
     timeout $((END - $(date +%s))) python3 training/train_sudoku.py --config "${CONFIG:?a training config}" --device gpu \
         --steps "${STEPS:?steps}" --deadline $((END - 20)) --out-dir /tmp/run-stage --export /tmp/models/sudoku \
         > "$r/train_diffusion.log" 2>&1
-    echo "trained at $(( $(date +%s) - T0 )) s (rc $?)" | tee -a "$r/timeline.txt"
-    tar czf "$out/results.tar.gz" -C "$r" . && rm -rf "$r"
-    [ -d /tmp/models/sudoku ] && tar cf - -C /tmp/models . | split -b 15M -d - "$out/models.tar.part_"
-    ls -la "$out"
+    stamp trained $?
+    finish /tmp/models/sudoku
     ;;
 *)
     sed -n 2,18p "$0"
