@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.sudoku_eval import HELD_OUT_SEED
+
 RESULTS = Path(__file__).parent / "results"
-from benchmarks.sudoku_eval import HELD_OUT_SEED  # also fast_path's default: never tune on it
 KNOBS = {"t_max": float, "t_min": float, "entropy_bound": float, "max_denoising_steps": int,
          "stability_threshold": int, "confidence_threshold": float}
 

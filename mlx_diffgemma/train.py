@@ -31,8 +31,8 @@ The config file (YAML or JSON):
     generation: {...}             # generation_config.json of the checkpoints, applied again on export
     steps: 3000
     batch_size: 64
-    micro_batches: 1              # split each batch into this many equal slices (same update, less memory;
-                                  # works around MLX CUDA's launch limit on large batches)
+    micro_batches: 1              # split each batch into this many equal slices: the same update in smaller
+                                  # passes (MLX 0.32.4 CUDA failed to launch one autoregressive pass at 512)
     learning_rate: 1.0e-3
     warmup_steps: 100
     weight_decay: 0.0
