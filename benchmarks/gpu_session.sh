@@ -147,12 +147,23 @@ twin)
     unpack && export PYTHONUNBUFFERED=1
     place /tmp/gpuinit/autoregressive runs/sudoku-autoregressive-stage8/checkpoints/step-0002800
     stamp unpacked
+    cfg1=training/sudoku_gpu_finetune_autoregressive.yaml cfg2=training/sudoku_gpu_finetune2_autoregressive.yaml
+    # a 3-step probe first: should two slices of 256 still fail to launch, both stages take four of 128
+    timeout 120 python3 training/train_sudoku.py --baseline --device gpu --config $cfg1 --steps 3 \
+        --out-dir /tmp/twin-probe --no-export > "$r/twin_probe.log" 2>&1
+    rc=$?
+    stamp "probe, micro_batches 2" $rc
+    if [ $rc -ne 0 ]; then
+        sed 's/^micro_batches: 2.*/micro_batches: 4/' $cfg1 > training/tmp_twin1.yaml
+        sed 's/^micro_batches: 2.*/micro_batches: 4/' $cfg2 > training/tmp_twin2.yaml
+        cfg1=training/tmp_twin1.yaml cfg2=training/tmp_twin2.yaml
+    fi
     timeout $((END - $(date +%s))) python3 training/train_sudoku.py --baseline --device gpu \
-        --config training/sudoku_gpu_finetune_autoregressive.yaml --steps "${STEPS1:-1600}" --deadline $((END - 20)) \
+        --config $cfg1 --steps "${STEPS1:-1600}" --deadline $((END - 20)) \
         --no-export > "$r/train_gpu_stage1_autoregressive.log" 2>&1
     stamp "twin stage 1" $?
     timeout $((END - $(date +%s))) python3 training/train_sudoku.py --baseline --device gpu \
-        --config training/sudoku_gpu_finetune2_autoregressive.yaml --steps "${STEPS2:-1000}" --deadline $((END - 20)) \
+        --config $cfg2 --steps "${STEPS2:-1000}" --deadline $((END - 20)) \
         --export /tmp/models/sudoku-autoregressive > "$r/train_gpu_stage2_autoregressive.log" 2>&1
     stamp "twin stage 2" $?
     finish /tmp/models/sudoku-autoregressive
