@@ -148,6 +148,10 @@ twin)
     place /tmp/gpuinit/autoregressive runs/sudoku-autoregressive-stage8/checkpoints/step-0002800
     stamp unpacked
     cfg1=training/sudoku_gpu_finetune_autoregressive.yaml cfg2=training/sudoku_gpu_finetune2_autoregressive.yaml
+    # which part of the step at 512 in one piece fails to launch (seconds; for an upstream report)
+    timeout 120 python3 -m benchmarks.cuda_launch_probe --config $cfg1 --batch 512 --device gpu \
+        > "$r/cuda_launch_probe.log" 2>&1
+    stamp "launch probe at 512" $?
     # a 3-step probe first: should two slices of 256 still fail to launch, both stages take four of 128
     timeout 120 python3 training/train_sudoku.py --baseline --device gpu --config $cfg1 --steps 3 \
         --out-dir /tmp/twin-probe --no-export > "$r/twin_probe.log" 2>&1

@@ -350,3 +350,14 @@ def test_pass_overhead_measures_a_small_pass(tmp_path, monkeypatch, capsys):
     assert "graph nodes" in next(tmp_path.glob("pass_overhead-*.md")).read_text()
     assert pass_overhead.main(["--model", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_cuda_launch_probe_runs_every_part(capsys):
+    # on a CPU every part of the autoregressive step evaluates; on a GPU the report names the one that raises
+    from benchmarks import cuda_launch_probe
+
+    assert cuda_launch_probe.main(["--config", str(ROOT / "training" / "sudoku_gpu_autoregressive.yaml"),
+                                   "--batch", "2", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "layer 7 backward: ok" in out and "whole step (value_and_grad): ok" in out
+
