@@ -52,10 +52,10 @@ def main(argv=None) -> int:
     results: dict = {"device": str(mx.default_device()), "batch": B, "length": L}
 
     # forward, layer by layer, each from the previous layer's evaluated output
-    h = model.embed(ids)
+    h, masks = model.embed(ids), {}
     inputs = []
     for i, (layer, spec) in enumerate(zip(model.layers, model.config.layers)):
-        mask = causal_mask(L, 0, 0, model.config.sliding_window if spec.is_sliding else None)
+        mask = model._encoder_mask(masks, spec, L, 0, 0)  # as the trainer's causal pass builds it
         inputs.append((h, mask))
         out = layer(h, model.make_cache().layers[i], 0, mask, commit=L)
         if not attempt(results, f"layer {i} ({spec.kind}) forward", lambda: out):

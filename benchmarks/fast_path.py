@@ -26,7 +26,7 @@ import mlx.core as mx
 import numpy as np
 
 from benchmarks.machine import record as machine_record
-from benchmarks.sudoku_eval import mean_stderr, per_puzzle
+from benchmarks.sudoku_eval import HELD_OUT_SEED, mean_stderr, per_puzzle
 from mlx_diffgemma import load, sorting, sudoku
 from mlx_diffgemma.fast import MODES, check_model, get_mode
 from mlx_diffgemma.files import write_text_atomic
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     p.add_argument("--givens", "--lengths", dest="bounds", type=int, nargs=2, default=None,
                    help="givens range (Sudoku, default 30 45) or list lengths (sort, default 1 48)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--puzzle-seed", type=int, default=20261127)
+    p.add_argument("--puzzle-seed", type=int, default=HELD_OUT_SEED)
     p.add_argument("--shared", action="store_true", help="other jobs share the CPU: the result says its timings are noisy")
     p.add_argument("--separate-prompt", action="store_true",
                    help="encode the prompt and each commit in a pass of their own (as before the fused "

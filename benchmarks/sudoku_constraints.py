@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.sudoku_eval import HELD_OUT_SEED
 from mlx_diffgemma import load, sudoku
 from mlx_diffgemma.files import write_text_atomic
 from mlx_diffgemma.loading import resolve
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="sudoku")
     ap.add_argument("--puzzles", type=int, default=100)
     ap.add_argument("--givens", type=int, nargs=2, default=(30, 50), metavar=("LO", "HI"))
-    ap.add_argument("--puzzle-seed", type=int, default=20261127)
+    ap.add_argument("--puzzle-seed", type=int, default=HELD_OUT_SEED)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     model, _ = load(resolve(args.model))

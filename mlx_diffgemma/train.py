@@ -63,7 +63,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .config import ConfigError, GenerationConfig, ModelConfig
 from .files import atomic_dir
-from .model import DiffusionGemma, causal_mask
+from .model import DiffusionGemma
 
 LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate_up_proj")
 
@@ -388,11 +388,11 @@ def diffusion_loss(model, prompt, target, canvas, self_cond_temperature=None):
 def causal_logits(model, ids, cache) -> mx.array:
     """The same network run left to right: every layer under the causal (and sliding) mask,
     appending to `cache`, and the tied head on every position -> fp32 logits [B, L, V]."""
-    L, offset = ids.shape[1], cache.offset
+    L, offset, masks = ids.shape[1], cache.offset, {}
     h = model.embed(ids)
     for layer, spec, c in zip(model.layers, model.config.layers, cache.layers):
-        mask = causal_mask(L, offset, c.length, model.config.sliding_window if spec.is_sliding else None)
-        h = layer(h, c, offset, mask if L > 1 else None, commit=L)
+        mask = model._encoder_mask(masks, spec, L, offset, c.length) if L > 1 else None
+        h = layer(h, c, offset, mask, commit=L)
     cache.offset += L
     return model.logits(model.norm(h))
 
