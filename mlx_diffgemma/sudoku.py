@@ -6,10 +6,16 @@ denoises an 81-token canvas that holds the solution's digits: canvas cell i sits
 positions after prompt cell i.
 
 The generator is seeded: `solved_grid(rng)` fills a grid by randomised backtracking, and
-`make_puzzle(rng, givens)` removes cells one at a time while the solution stays unique.
+`make_puzzle(rng, givens)` removes cells one at a time while the solution stays unique;
+`dig_ranks` digs to a minimal puzzle and `keep_givens` takes unique puzzles of any size from it
+(the training data, `unique: true` in a config's `data:`).
 """
 
 from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
 
 import numpy as np
 
@@ -231,17 +237,71 @@ def make_puzzle(rng: np.random.Generator, givens: int) -> tuple[np.ndarray, np.n
     if not 17 <= givens <= CELLS:
         raise ValueError(f"givens must be in 17..81, got {givens}")
     solution = solved_grid(rng)
+    rank = _dig(solution, rng.permutation(CELLS), stop_at=givens)
+    return keep_givens(solution, rank, givens), solution
+
+
+def dig_ranks(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(solution, rank): a fresh grid dug as `make_puzzle` digs it, but down to a minimal puzzle;
+    rank[i] is when cell i was removed (0 first) or CELLS if it never could be. Since a puzzle
+    with more givens than a unique one is unique too, `keep_givens(solution, rank, g)` is the
+    puzzle `make_puzzle` makes with g givens from the same draws, for every g from the minimal
+    puzzle's givens up: one dig gives unique puzzles of every size."""
+    solution = solved_grid(rng)
+    return solution, _dig(solution, rng.permutation(CELLS), stop_at=0)
+
+
+def dig_pool(seeds: list, workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`dig_ranks` for each seed (one generator per seed, so the result does not depend on how the
+    work is split) -> (solutions, ranks) [N, 81]. Digging costs about 70 ms a grid on one CPU core;
+    with several cores it runs in that many processes."""
+    workers = min(len(seeds), workers or os.cpu_count() or 1)
+    out = None
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            # spawn: the parent may hold MLX's threads, which a fork would copy half-alive
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+                out = list(ex.map(_dig_seeded, seeds, chunksize=max(1, len(seeds) // (4 * workers))))
+        except BrokenProcessPool:  # e.g. a main script without `if __name__ == "__main__":`
+            print("dig_pool: worker processes could not start; digging in this process", file=sys.stderr)
+    if out is None:
+        out = [_dig_seeded(s) for s in seeds]
+    solutions, ranks = zip(*out)
+    return np.stack(solutions), np.stack(ranks)
+
+
+def _dig_seeded(seed) -> tuple[np.ndarray, np.ndarray]:
+    return dig_ranks(np.random.default_rng(seed))
+
+
+def keep_givens(solutions, ranks, givens) -> np.ndarray:
+    """Puzzles from `dig_ranks` output ([81] or [B, 81], givens an int or [B]): the cells removed
+    first are blank, so that `givens` are left (more where the dig stopped at a minimal puzzle)."""
+    blank = CELLS - np.asarray(givens)
+    if np.ndim(blank):
+        blank = blank[:, None]
+    return np.where(np.asarray(ranks) >= blank, solutions, 0)
+
+
+def _dig(solution: np.ndarray, order: np.ndarray, stop_at: int) -> np.ndarray:
+    """Remove cells in `order` while the solution stays unique, until `stop_at` givens are left;
+    returns each cell's removal rank (CELLS for cells kept)."""
     puzzle = solution.copy()
-    left = CELLS
-    for i in rng.permutation(CELLS):
-        if left <= givens:
+    rank = np.full(CELLS, CELLS, dtype=np.int64)
+    removed = 0
+    for i in order:
+        if CELLS - removed <= stop_at:
             break
         puzzle[i] = 0
         if count_solutions(puzzle, 2) == 1:
-            left -= 1
+            rank[i] = removed
+            removed += 1
         else:
             puzzle[i] = solution[i]
-    return puzzle, solution
+    return rank
 
 
 def puzzle_set(seed: int, n: int, givens: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -259,21 +319,31 @@ def puzzle_set(seed: int, n: int, givens: tuple[int, int]) -> tuple[np.ndarray, 
 # -- training data -------------------------------------------------------------------------------
 
 
-def augment(grids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def augment(grids: np.ndarray, rng: np.random.Generator, ranks: np.ndarray | None = None):
     """Validity-preserving shuffles of complete grids [B, 81]: relabel digits, permute bands,
-    stacks, rows within bands and columns within stacks, transpose half of them."""
+    stacks, rows within bands and columns within stacks, transpose half of them. With `ranks`
+    (`dig_ranks` output, [B, 81]) the same cell shuffle moves them too, and (grids, ranks) is
+    returned: the puzzles they give stay unique. The draws do not depend on `ranks`."""
     B = len(grids)
     g = grids.reshape(B, 9, 9)
     out = np.empty_like(g)
+    r = None if ranks is None else np.asarray(ranks).reshape(B, 9, 9)
+    moved = None if ranks is None else np.empty_like(r)
     for b in range(B):
         rows = np.concatenate([3 * band + rng.permutation(3) for band in rng.permutation(3)])
         cols = np.concatenate([3 * stack + rng.permutation(3) for stack in rng.permutation(3)])
         x = g[b][rows][:, cols]
+        y = None if r is None else r[b][rows][:, cols]
         if rng.random() < 0.5:
             x = x.T
+            y = None if y is None else y.T
         relabel = np.concatenate([[0], rng.permutation(9) + 1])
         out[b] = relabel[x]
-    return out.reshape(B, CELLS)
+        if y is not None:
+            moved[b] = y
+    if ranks is None:
+        return out.reshape(B, CELLS)
+    return out.reshape(B, CELLS), moved.reshape(B, CELLS)
 
 
 def dig(solutions: np.ndarray, givens: np.ndarray, rng: np.random.Generator) -> np.ndarray:

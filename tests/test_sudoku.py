@@ -82,6 +82,41 @@ def test_augment_and_dig_keep_grids_valid():
         assert (p > 0).sum() == k
 
 
+def test_one_dig_gives_make_puzzles_puzzle_at_every_size():
+    # dig_ranks + keep_givens is make_puzzle for every number of givens, from the same draws
+    for seed in (1, 2):
+        solution, rank = sudoku.dig_ranks(np.random.default_rng(seed))
+        minimal = int((rank == 81).sum())
+        assert sudoku.count_solutions(sudoku.keep_givens(solution, rank, minimal), 2) == 1
+        for g in (minimal, 30, 41, 81):
+            p, s = sudoku.make_puzzle(np.random.default_rng(seed), max(g, 17))
+            assert np.array_equal(s, solution)
+            assert np.array_equal(sudoku.keep_givens(solution, rank, g), p)
+        # asking for fewer givens than the minimal puzzle has gives the minimal puzzle
+        assert np.array_equal(sudoku.keep_givens(solution, rank, 17), sudoku.keep_givens(solution, rank, minimal))
+
+
+def test_dig_pool_is_the_same_in_parallel():
+    seeds = [[4, i] for i in range(6)]
+    serial = sudoku.dig_pool(seeds, workers=1)
+    parallel = sudoku.dig_pool(seeds, workers=2)
+    assert all(np.array_equal(a, b) for a, b in zip(serial, parallel))
+    assert np.array_equal(serial[0][2], sudoku.dig_ranks(np.random.default_rng([4, 2]))[0])
+
+
+def test_augmented_dug_puzzles_stay_unique():
+    rng = np.random.default_rng(3)
+    solutions, ranks = map(np.stack, zip(*(sudoku.dig_ranks(rng) for _ in range(3))))
+    plain = sudoku.augment(solutions, np.random.default_rng(9))
+    grids, moved = sudoku.augment(solutions, np.random.default_rng(9), ranks)
+    assert np.array_equal(plain, grids)  # the ranks ride along without changing the draws
+    assert not np.array_equal(grids, solutions)
+    puzzles = sudoku.keep_givens(grids, moved, np.array([28, 35, 50]))
+    assert (puzzles > 0).sum(axis=1).tolist() == [28, 35, 50]
+    for p, g in zip(puzzles, grids):
+        assert sudoku.is_solution(p, g) and sudoku.count_solutions(p, 2) == 1
+
+
 # -- the bundled model ---------------------------------------------------------------------------
 
 

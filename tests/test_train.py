@@ -58,6 +58,23 @@ def fixed_loss(model, cfg, objective="diffusion"):
     return float(diffusion_loss(model, mx.array(prompt), mx.array(target), mx.array(canvas)))
 
 
+def test_unique_sudoku_data_has_one_solution_per_puzzle(tmp_path):
+    cfg = tiny(tmp_path, batch_size=6, data={"unique": True, "pool": 3, "givens_start": 28, "givens_end": 28,
+                                             "givens_max": 34})
+    prompt, target = TASKS["sudoku"](cfg).batch(0, np.random.default_rng(0))
+    for p, t in zip(prompt, target):
+        cells = p[1:]
+        puzzle = np.where(cells == sudoku.DOT, 0, cells - sudoku.DIGIT0)
+        assert 28 <= (puzzle > 0).sum() <= 34
+        assert sudoku.count_solutions(puzzle, 2) == 1
+        assert np.array_equal(sudoku.solve_exact(puzzle), sudoku.canvas_digits(t))
+    # the default keeps random cells: at 28 givens almost no puzzle is unique
+    cfg = tiny(tmp_path, batch_size=6, data={"givens_start": 28, "givens_end": 28, "givens_max": 28})
+    prompt, _ = TASKS["sudoku"](cfg).batch(0, np.random.default_rng(0))
+    puzzles = [np.where(p[1:] == sudoku.DOT, 0, p[1:] - sudoku.DIGIT0) for p in prompt]
+    assert sum(sudoku.count_solutions(q, 2) > 1 for q in puzzles) >= 4
+
+
 @pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
 def test_training_reduces_the_loss(tmp_path, objective):
     cfg = tiny(tmp_path, steps=12, save_every=12, objective=objective, compile=objective == "diffusion",
