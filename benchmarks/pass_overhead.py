@@ -6,7 +6,11 @@
 - RoPE by its cos / sin tables (built once per pass, q and k together) against `mx.fast.rope`,
   over a whole 128-row pass;
 - RMSNorm: the compiled norm `layers.rms_norm` uses for small inputs on the CPU against
-  `mx.fast.rms_norm`, per call in a chain of 40, by input size.
+  `mx.fast.rms_norm`, per call in a chain of 40, by input size;
+- whole passes under `mx.compile` (one shape each, the weights and cache as constants) against
+  the plain graph: 8-row partial, whole 48-row and 128-row canvas passes, and what the first
+  call with a new shape costs (tracing, and on a machine's first run compiling the fused CPU
+  kernels with the system C++ compiler, which MLX caches on disk).
 
     python -m benchmarks.pass_overhead --model sort
 
@@ -130,7 +134,47 @@ def measure(model, rounds: int) -> dict:
             "compiled_us": round(_best_us(lambda: norm_chain(lambda a, b, e: compiled(a, b)), 10, rounds) / 40, 1),
         })
     out["rms_norm_per_call"] = norms
+    out["compiled_passes"] = compiled_passes(model, cache, kv, rng, rounds)
     return out
+
+
+def compiled_passes(model, cache, kv, rng, rounds: int) -> list[dict]:
+    """Each pass plain and under mx.compile (ms), and the compiled pass' first call at a new shape."""
+    H, V, C = model.config.hidden_size, model.config.vocab_size, kv[0][0].shape[2]
+
+    def partial(n):
+        rows = mx.array(np.sort(rng.choice(C, n, replace=False)))
+        x, soft = mx.array(rng.integers(0, V, (1, n))), mx.array(rng.normal(size=(1, n, H)).astype(np.float32))
+        mx.eval(rows, x, soft)
+
+        def run():
+            h, new_kv = model.denoise_hidden(x, cache, soft, rows=rows, canvas_kv=kv, collect_kv=True)
+            return [h] + [a for pair in new_kv for a in pair]
+        return run
+
+    def whole(n):
+        x, soft = mx.array(rng.integers(0, V, (1, n))), mx.array(rng.normal(size=(1, n, H)).astype(np.float32))
+        mx.eval(x, soft)
+        return lambda: model.denoise_hidden(x, cache, soft)
+
+    out = []
+    for name, build, n, fresh in (("partial", partial, 8, 7), ("whole", whole, C, C - 1), ("whole", whole, 128, 127)):
+        run = build(n)
+        compiled = mx.compile(run)
+        plain_ms = _best_us(run, 20, rounds) / 1e3
+        compiled_ms = _best_us(compiled, 20, rounds) / 1e3
+        diff = max(float(mx.abs(a - b).max()) for a, b in zip(_flat(run()), _flat(compiled())))
+        other = mx.compile(build(fresh))  # a new function: nothing traced yet at this shape
+        tic = time.perf_counter()
+        mx.eval(other())
+        first_ms = (time.perf_counter() - tic) * 1e3
+        out.append({"pass": name, "rows": n, "plain_ms": round(plain_ms, 2), "compiled_ms": round(compiled_ms, 2),
+                    "first_call_new_shape_ms": round(first_ms, 1), "max_abs_diff": diff})
+    return out
+
+
+def _flat(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def main(argv=None) -> int:
@@ -165,6 +209,11 @@ def main(argv=None) -> int:
              "", "RMSNorm per call, in a chain of 40 (µs):", "", "| rows | elements | mx.fast.rms_norm | compiled |",
              "|---|---|---|---|"]
     lines += [f"| {n['rows']} | {n['elements']} | {n['fast_us']} | {n['compiled_us']} |" for n in r["rms_norm_per_call"]]
+    lines += ["", "Whole passes under mx.compile, one shape each (ms; the first call at a new shape traces, and "
+              "on a machine's first run compiles the fused kernels too):", "",
+              "| pass | rows | plain | compiled | first compiled call, new shape |", "|---|---|---|---|---|"]
+    lines += [f"| {c['pass']} | {c['rows']} | {c['plain_ms']} | {c['compiled_ms']} | {c['first_call_new_shape_ms']} |"
+              for c in r["compiled_passes"]]
     m = doc["machine"]
     lines += ["", f"Machine: {m.get('cpu', '?')}, {m.get('cpu_count')} cores; "
               f"{m.get('shared_note') or 'no other benchmark on the CPU'}"]

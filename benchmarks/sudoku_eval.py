@@ -117,6 +117,9 @@ def main(argv=None) -> int:
     p.add_argument("--t-min", type=float, default=None, help="override t_min")
     p.add_argument("--compare-to", default=None, help="another diffusion checkpoint: the same puzzles and noise "
                    "through the reference sampler, and the paired difference (--diffusion minus this one)")
+    p.add_argument("--compare-defaults", action="store_true", help="with --compare-to, run the compared "
+                   "checkpoint at its own generation_config instead of the overrides above (a paired test of a "
+                   "sampler setting: --diffusion M --entropy-bound X --compare-to M --compare-defaults)")
     p.add_argument("--tries", type=int, default=1, help="also report solved within this many tries "
                    "(first valid grid of K noise draws, as `examples/sudoku.py --tries`)")
     p.add_argument("--modes", default="", help="also solve with these fast modes, comma-separated "
@@ -134,6 +137,9 @@ def main(argv=None) -> int:
 
     if args.tries < 1:
         print("error: --tries must be >= 1", file=sys.stderr)
+        return 2
+    if args.compare_defaults and not args.compare_to:
+        print("error: --compare-defaults needs --compare-to (the checkpoint to run at its own settings)", file=sys.stderr)
         return 2
     if args.puzzles < 1 or not 17 <= args.givens[0] <= args.givens[1] <= 81:
         print("error: need --puzzles >= 1 and 17 <= LO <= HI <= 81 for --givens", file=sys.stderr)
@@ -167,9 +173,14 @@ def main(argv=None) -> int:
                                 **summarize(puzzles, solutions, grids, time.perf_counter() - tic)}
         if args.compare_to:
             other_model, _ = load(args.compare_to)
+            other_overrides = {} if args.compare_defaults else overrides
+            other_gen = other_model.generation_config.override(**other_overrides)
             tic = time.perf_counter()
-            other = solve_diffusion(other_model, puzzles, args.seed, args.batch, **overrides)[0]
+            other = solve_diffusion(other_model, puzzles, args.seed, args.batch, **other_overrides)[0]
             systems["compared"] = {"model": args.compare_to, "sampler": "reference, the same noise",
+                                   "max_denoising_steps": other_gen.max_denoising_steps,
+                                   "entropy_bound": other_gen.entropy_bound, "t_max": other_gen.t_max,
+                                   "t_min": other_gen.t_min,
                                    "paired_minus_this": paired(puzzles, solutions, grids, other),
                                    **summarize(puzzles, solutions, other, time.perf_counter() - tic)}
         if args.tries > 1:
@@ -224,7 +235,7 @@ def main(argv=None) -> int:
     for n in names:
         s = systems[n]
         sampler = s["sampler"] + (f" ({s['max_denoising_steps']} steps, entropy bound {s['entropy_bound']}, "
-                                  f"t {s['t_max']} to {s['t_min']})" if n == "diffusion" else "")
+                                  f"t {s['t_max']} to {s['t_min']})" if n in ("diffusion", "compared") else "")
         lines.append(f"| {n} | {s['model']} | {sampler} | {s['blank_cells_right']:.3f} | {s['seconds']} |")
     if "compared" in systems:
         d = systems["compared"]["paired_minus_this"]

@@ -159,6 +159,22 @@ def test_sudoku_eval_pairs_two_checkpoints(tmp_path, monkeypatch):
     assert diff["blank_cells_right"]["mean"] > 0.5 and diff["only_first_solved"] == 3
 
 
+def test_sudoku_eval_pairs_a_sampler_setting_against_the_defaults(tmp_path, monkeypatch, capsys):
+    from benchmarks import sudoku_eval
+
+    monkeypatch.setattr(sudoku_eval, "RESULTS", tmp_path)
+    bundled = str(ROOT / "mlx_diffgemma" / "models" / "sudoku")
+    args = ["--puzzles", "2", "--givens", "30", "40", "--batch", "2", "--steps", "2", "--compare-to", bundled]
+    assert sudoku_eval.main([*args, "--compare-defaults", "--out", "eval"]) == 0
+    systems = json.loads((tmp_path / "eval.json").read_text())["systems"]
+    assert systems["diffusion"]["max_denoising_steps"] == 2
+    assert systems["compared"]["max_denoising_steps"] == 48  # the checkpoint's own setting
+    assert sudoku_eval.main([*args, "--out", "same"]) == 0  # without the flag both take the overrides
+    assert json.loads((tmp_path / "same.json").read_text())["systems"]["compared"]["max_denoising_steps"] == 2
+    assert sudoku_eval.main(["--puzzles", "1", "--compare-defaults"]) == 2
+    assert "--compare-defaults needs --compare-to" in capsys.readouterr().err
+
+
 def test_sudoku_eval_names_an_unknown_mode(capsys):
     from benchmarks import sudoku_eval
 
@@ -347,6 +363,9 @@ def test_pass_overhead_measures_a_small_pass(tmp_path, monkeypatch, capsys):
     assert doc["eval_us_per_node"] > 0 and doc["gather_mm_us_per_pair_256"] > 0
     assert doc["nodes_partial_pass_8_rows"] > 100 and doc["nodes_whole_pass"] > 100  # four layers of small ops
     assert [n["rows"] for n in doc["rms_norm_per_call"]] == [4, 48, 128]
+    passes = doc["compiled_passes"]
+    assert [(c["pass"], c["rows"]) for c in passes] == [("partial", 8), ("whole", 48), ("whole", 128)]
+    assert all(c["plain_ms"] > 0 and c["compiled_ms"] > 0 and c["max_abs_diff"] < 1e-4 for c in passes)
     assert "graph nodes" in next(tmp_path.glob("pass_overhead-*.md")).read_text()
     assert pass_overhead.main(["--model", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
