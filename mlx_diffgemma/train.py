@@ -224,14 +224,14 @@ class SudokuTask:
         if ranks is None:
             grids = self.sudoku.augment(pool[pick], rng)
         else:
-            grids, picked_ranks = self.sudoku.augment(pool[pick], rng, ranks[pick])
+            grids, ranks = self.sudoku.augment(pool[pick], rng, ranks[pick])
         lo = self.givens_low(step)
         hi = max(lo, int(self.opts["givens_max"]))
         givens = rng.integers(lo, hi + 1, B)
         if ranks is None:
             puzzles = self.sudoku.dig(grids, givens, rng)
         else:
-            puzzles = self.sudoku.keep_givens(grids, picked_ranks, givens)
+            puzzles = self.sudoku.keep_givens(grids, ranks, givens)
         return self.sudoku.prompt_batch(puzzles), self.sudoku.canvas_ids(grids)
 
     def canvas_lengths(self, model) -> list[int]:
