@@ -22,6 +22,10 @@
 # `twin` trains the autoregressive twin of the bundled model's two GPU stages (the one piece of
 # issue #9's comparison the 2026-11-28 lease could not finish); `stage` trains one more diffusion
 # stage (CONFIG, STEPS, INIT_AT; its starting weights in .gpuinit/from).
+# `torch` trains the 4.2 M-parameter model and its twin with torch on the GPU
+# (mlx_diffgemma/torch_backend/train.py; the same steps as the MLX trainer), in ONE command:
+#   here, once:  bash benchmarks/gpu_session.sh prepare-torch     # -> .whlcpu/ (MLX's CPU wheels, mlx-lm)
+#   there:       carry .whlcpu:  bash benchmarks/gpu_session.sh torch   (DRY=1 rehearses it here)
 # DRY=1 bash benchmarks/gpu_session.sh run   rehearses `run` here on the CPU (no unpacking, torch on
 # the CPU, 2 training steps), so a mistake in this script does not cost a lease. Add
 # DIFF_CONFIG=training/sudoku_gpu_finetune_diffusion.yaml AR_CONFIG=training/sudoku_gpu_finetune_autoregressive.yaml:
@@ -68,6 +72,65 @@ prepare)
         mkdir -p ".gpuinit/$obj" && find "$src" -maxdepth 1 -type f -exec cp {} ".gpuinit/$obj/" \;
     done
     du -sh .whl .gpuinit
+    ;;
+prepare-torch)
+    grep -qxF /.whlcpu/ .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo /.whlcpu/ >> .git/info/exclude; }
+    rm -rf .whlcpu && mkdir -p .whlcpu
+    # MLX only builds, restores and saves the model there, on the CPU; one mlx wheel per CPython
+    for py in 3.10 3.11 3.12 3.13; do
+        python3 -m pip download -q --no-deps --only-binary=:all: --python-version $py \
+            --platform manylinux_2_35_x86_64 -d .whlcpu mlx==0.32.4
+    done
+    python3 -m pip download -q --no-deps --only-binary=:all: --platform manylinux_2_35_x86_64 -d .whlcpu \
+        mlx-cpu==0.32.4 mlx-lm==0.32.2
+    du -sh .whlcpu
+    ;;
+torch)
+    # Both models from scratch, side by side, for the steps that fit (a timed probe of the
+    # diffusion run; the twin trains as many), with torch on the GPU and MLX on the CPU
+    begin "${TOTAL_S:-560}"
+    if [ -z "${DRY:-}" ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+            --find-links .whlcpu mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2
+        export PYTHONPATH="/tmp/site:$PWD"
+        DEV=gpu
+    else  # a rehearsal on this machine's CPU, at batch 32 (batch 512 takes ~30 GB a model in torch)
+        export PYTHONPATH="$PWD"
+        DEV=cpu
+        for f in "${DIFF_CONFIG:=training/sudoku_gpu.yaml}" "${AR_CONFIG:=training/sudoku_gpu_autoregressive.yaml}"; do
+            sed 's/^batch_size: .*/batch_size: 32/' "$f" > "/tmp/dry_$(basename "$f")"
+        done
+        DIFF_CONFIG="/tmp/dry_$(basename "$DIFF_CONFIG")" AR_CONFIG="/tmp/dry_$(basename "$AR_CONFIG")"
+    fi
+    export PYTHONUNBUFFERED=1
+    python3 -c "import mlx.core as mx, torch, transformers; print('mlx', mx.__version__, \
+'| torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda', \
+'| transformers', transformers.__version__)" 2>&1 | tee "$r/versions.txt"
+    nvidia-smi > "$r/nvidia-smi.txt" 2>&1
+    stamp unpacked
+    DEADLINE=$((END - 45))  # time to export and pack both models
+    rm -f /tmp/steps
+    if [ -z "${DRY:-}" ]; then steps="--budget-s $((DEADLINE - $(date +%s))) --safety ${SAFETY:-0.6} --steps-file /tmp/steps"
+    else steps="--steps 2" && echo 2 > /tmp/steps; fi
+    # torch.compile of the layers (COMPILE=--no-compile to skip); a failure to compile falls back to plain layers
+    compile=${COMPILE:---compile}
+    timeout $((END - $(date +%s))) python3 training/train_sudoku.py --backend torch --device $DEV $compile \
+        --config "${DIFF_CONFIG:-training/sudoku_gpu.yaml}" $steps --deadline "$DEADLINE" \
+        --out-dir /tmp/run-diffusion --export /tmp/models/sudoku > "$r/train_diffusion.log" 2>&1 &
+    dpid=$!
+    (while [ ! -f /tmp/steps ] && kill -0 $dpid 2>/dev/null; do sleep 1; done
+     [ -f /tmp/steps ] && exec timeout $((END - $(date +%s))) python3 training/train_sudoku.py --baseline \
+        --backend torch --device $DEV $compile --config "${AR_CONFIG:-training/sudoku_gpu_autoregressive.yaml}" \
+        --steps "$(cat /tmp/steps)" --deadline "$DEADLINE" --out-dir /tmp/run-autoregressive \
+        --export /tmp/models/sudoku-autoregressive) > "$r/train_autoregressive.log" 2>&1 &
+    while kill -0 $dpid 2>/dev/null; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader \
+        >> "$r/gpu_use.csv" 2>/dev/null; sleep 15; done
+    wait
+    stamp "training done"
+    for obj in diffusion autoregressive; do
+        cp /tmp/run-$obj/checkpoints/*/trainer_state.json "$r/trainer_state_$obj.json" 2>/dev/null
+    done
+    finish /tmp/models/sudoku
     ;;
 part1)
     mkdir -p /tmp/mlxparts && cp .mlxcuda1/* /tmp/mlxparts/

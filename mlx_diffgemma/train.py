@@ -402,6 +402,21 @@ def corrupt(target: np.ndarray, rng: np.random.Generator, vocab_size: int, eps: 
     return np.where(noisy, noise, target).astype(np.int32), t
 
 
+def draw_batch(task, cfg: TrainConfig, gen: GenerationConfig, step: int, vocab_size: int) -> list[np.ndarray]:
+    """Step `step`'s loss arguments, a function of (seed, step) only, for every backend:
+    [prompt, target] for the autoregressive objective; [prompt, target, canvas] for diffusion,
+    plus the self-conditioning temperatures [B, 1, 1] on the steps that train the two-pass way."""
+    rng = np.random.default_rng([cfg.seed, step])
+    prompt, target = task.batch(step, rng)
+    args = [prompt, target]
+    if cfg.objective == "diffusion":
+        canvas, _ = corrupt(target, rng, vocab_size, cfg.eps)
+        args.append(canvas)
+        if rng.random() < cfg.self_cond_prob:
+            args.append(rng.uniform(gen.t_min, gen.t_max, size=(len(target), 1, 1)).astype(np.float32))
+    return args
+
+
 def diffusion_loss(model, prompt, target, canvas, self_cond_temperature=None):
     """Mean canvas cross-entropy. With `self_cond_temperature` ([B, 1, 1]), a first no-grad pass
     supplies the second pass's self_cond (its logits divided by that temperature)."""
@@ -579,16 +594,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     for step in range(start, end):
         step_tic = time.perf_counter()
-        rng = np.random.default_rng([cfg.seed, step])  # batches depend only on (seed, step)
-        prompt, target = task.batch(step, rng)
-        args = [mx.array(prompt), mx.array(target)]
-        if cfg.objective == "diffusion":
-            canvas, _ = corrupt(target, rng, V, cfg.eps)
-            args.append(mx.array(canvas))
-            if rng.random() < cfg.self_cond_prob:
-                temp = rng.uniform(gen.t_min, gen.t_max, size=(len(target), 1, 1)).astype(np.float32)
-                args.append(mx.array(temp))
-        loss = step_fn(*args)
+        loss = step_fn(*(mx.array(a) for a in draw_batch(task, cfg, gen, step, V)))
         mx.eval(loss, model.state, optimizer.state)
         loss = float(loss)
         if not math.isfinite(loss):

@@ -13,10 +13,15 @@ from it; the chosen number is printed and saved in the checkpoint's trainer stat
 `--steps N` repeats the run anywhere (`--steps-file F` also writes the number to F, for a
 baseline that must train as long). On a Linux CPU, preload OpenBLAS for speed:
 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3.
+
+`--backend torch --device gpu` takes the same steps with torch on an NVIDIA GPU
+(`mlx_diffgemma/torch_backend/train.py`: same init, batches, optimizer and checkpoints; MLX
+still builds and saves the model on the CPU).
 """
 
 import argparse
 import dataclasses
+import functools
 import shutil
 import sys
 import tempfile
@@ -37,7 +42,7 @@ PROBE_STEPS = 40  # the first 10 compile; the other 30 price a step
 FIXED_S = 25  # building the grid pool, the model and the compiled step again after the probe
 
 
-def steps_for_budget(cfg: TrainConfig, budget_s: float, started: float, safety: float = 0.95) -> int:
+def steps_for_budget(cfg: TrainConfig, budget_s: float, started: float, safety: float = 0.95, train=train) -> int:
     """Time PROBE_STEPS steps of `cfg` in a scratch directory, then return how many steps fit in
     `safety` x what is left of `budget_s` (a multiple of 50, at least 100)."""
     times: list[float] = []
@@ -74,29 +79,44 @@ def main() -> int:
                    help="stop (with a checkpoint) at the first step ending after this Unix time")
     p.add_argument("--safety", type=float, default=0.95,
                    help="with --budget-s, the share of the measured time left that the steps may fill")
-    p.add_argument("--device", choices=["gpu", "cpu"], default=None, help="MLX device (default: MLX's)")
+    p.add_argument("--device", choices=["gpu", "cpu"], default=None, help="MLX device (default: MLX's); "
+                   "with --backend torch, gpu is CUDA (the default) and cpu the CPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the step (mx.compile; torch.compile of the layers with --backend torch); "
+                   "default: the config's `compile`")
+    p.add_argument("--backend", choices=["mlx", "torch"], default="mlx",
+                   help="take the steps with MLX (default) or with torch (NVIDIA GPUs)")
     p.add_argument("--out-dir", default=None, help="checkpoints here instead of the config's out_dir")
     p.add_argument("--export", default=None, help="copy the final model here (default: the package for the "
                    "diffusion model, runs/sudoku-autoregressive-final for the baseline)")
     p.add_argument("--no-export", action="store_true", help="do not copy the result anywhere")
     args = p.parse_args()
-    if args.device:
+    run = train
+    if args.backend == "torch":
+        from mlx_diffgemma.torch_backend.train import train as torch_train
+
+        device = "cpu" if args.device == "cpu" else "cuda"
+        run = functools.partial(torch_train, device=device)
+    elif args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     config = Path(args.config) if args.config else HERE / ("sudoku_autoregressive.yaml" if args.baseline else "sudoku.yaml")
     try:
         cfg = TrainConfig.from_file(config)
         if args.out_dir:
             cfg.out_dir = args.out_dir
+        if args.compile is not None:
+            cfg.compile = args.compile
         if args.budget_s is not None:
-            cfg.steps = steps_for_budget(cfg, args.budget_s, started, args.safety)
+            cfg.steps = steps_for_budget(cfg, args.budget_s, started, args.safety, run)
             if args.steps_file:
                 write_text_atomic(args.steps_file, str(cfg.steps))
         if args.steps is not None:
             cfg.steps = args.steps
         cfg.validate(str(config))
-        print(f"{cfg.objective}: {cfg.steps} steps of batch {cfg.batch_size} on {mx.default_device()}", flush=True)
+        where = f"torch {device}" if args.backend == "torch" else mx.default_device()
+        print(f"{cfg.objective}: {cfg.steps} steps of batch {cfg.batch_size} on {where}", flush=True)
         tic = time.perf_counter()
-        last = train(cfg, progress=sys.stderr.isatty(), stop_at=args.stop_at, deadline=args.deadline)
+        last = run(cfg, progress=sys.stderr.isatty(), stop_at=args.stop_at, deadline=args.deadline)
         print(f"trained in {time.perf_counter() - tic:.0f} s -> {last}", flush=True)
         if not args.no_export:
             dest = Path(args.export) if args.export else (BASELINE if args.baseline else BUNDLED)

@@ -156,7 +156,12 @@ class Router(nn.Module):
         probs = torch.softmax(self.proj(h).float(), dim=-1)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         w = w / w.sum(dim=-1, keepdim=True)
-        return idx, w * self.per_expert_scale.float()[idx]
+        scale = self.per_expert_scale.float()
+        if scale.requires_grad:
+            # training: an index's backward piles N*k atomic adds onto E slots (18% of a step on an
+            # H200: benchmarks/results/gpu-20261204-h200/); a one-hot product reduces instead
+            return idx, w * (F.one_hot(idx, scale.shape[0]).to(scale.dtype) @ scale)
+        return idx, w * scale[idx]
 
 
 class StackedLinear(nn.Module):
@@ -184,6 +189,8 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x [N, H], idx / weights [N, k]
+        if self.training:
+            return self._every_expert(x, idx, weights)
         N, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
@@ -207,6 +214,16 @@ class Experts(nn.Module):
         y.index_copy_(0, order, ys)  # back to (token, slot) order
         y = y.view(N, k, -1)
         return (y * weights[..., None].to(y.dtype)).sum(dim=1)
+
+    def _every_expert(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Training: every token through every expert, the unrouted ones weighted 0. The same sum
+        as the routed path, with no sort, no host sync and no data-dependent shapes, at E/k times
+        the expert FLOPs (cheap for a small model's few experts)."""
+        gate, up = torch.einsum("nh,eoh->eno", x, self.gate_up_proj.weight).chunk(2, dim=-1)
+        ys = torch.einsum("eni,ehi->enh", gelu_tanh(gate) * up, self.down_proj.weight)  # [E, N, H]
+        dense = torch.zeros(x.shape[0], self.num_experts, dtype=weights.dtype, device=x.device)
+        dense = dense.scatter(1, idx, weights)  # [N, E]: differentiable in the router's weights
+        return torch.einsum("enh,ne->nh", ys, dense.to(ys.dtype))
 
     def _per_expert(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = torch.empty(xs.shape[0], self.down_proj.weight.shape[1], dtype=xs.dtype, device=xs.device)

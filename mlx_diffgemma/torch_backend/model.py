@@ -5,9 +5,12 @@
 `denoise(canvas, cache, self_cond)` is the canvas pass: it embeds the canvas, adds the
 self-conditioning signal, attends bidirectionally over [cached prefix ; canvas] without writing the
 cache, and returns fp32 soft-capped logits [B, C, V]. `ops` lets `mlx_diffgemma.generate` drive it.
+Both passes run without autograd unless the model is in training mode (`torch_backend.train`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
@@ -16,6 +19,17 @@ from ..config import GenerationConfig, ModelConfig
 from .cache import Cache
 from .layers import DecoderLayer, RMSNorm, SelfConditioning, embed_scale
 from .ops import TorchOps
+
+
+def _grad_in_training(pass_fn):
+    # loaded models are in eval mode: the passes build no graph; the trainer puts the model in
+    # training mode and the same passes become differentiable
+    @functools.wraps(pass_fn)
+    def run(self, *args, **kwargs):
+        with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+            return pass_fn(self, *args, **kwargs)
+
+    return run
 
 
 class DiffusionGemma(nn.Module):
@@ -37,7 +51,7 @@ class DiffusionGemma(nn.Module):
         keep = self.config.sliding_window - 1  # a canvas query sees the last window-1 cached tokens
         return Cache([keep if spec.is_sliding else None for spec in self.config.layers])
 
-    @torch.no_grad()
+    @_grad_in_training
     def encode(self, ids, cache: Cache) -> None:
         """Causal pass over `ids` [B, L] at positions cache.offset.., appending K/V to `cache`."""
         ids = self._as_batch(ids)
@@ -57,7 +71,7 @@ class DiffusionGemma(nn.Module):
                 h = layer(h, cache[i], offset, masks[key], write=True)
         cache.offset += L
 
-    @torch.no_grad()
+    @_grad_in_training
     def denoise(self, canvas, cache: Cache, self_cond: torch.Tensor | None = None, prefix=None) -> torch.Tensor:
         """Canvas pass: fp32 soft-capped logits [B, C, V]. `self_cond` is the previous step's
         temperature-scaled logits [B, C, V] (None on the first step). Never writes `cache`, except
@@ -88,6 +102,8 @@ class DiffusionGemma(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         cap = self.config.final_logit_softcapping
         out = (h @ self.embed_tokens.weight.T).float()  # the one [B, C, V] fp32 tensor; capped in place
+        if out.requires_grad:  # autograd keeps tanh's output, so it must not be scaled in place
+            return torch.tanh(out / cap) * cap
         return out.div_(cap).tanh_().mul_(cap)
 
     def _scale(self) -> torch.Tensor:
