@@ -584,19 +584,35 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
     state = [model.state, optimizer.state]
     step_fn = mx.compile(update, inputs=state, outputs=state) if cfg.compile else update
 
+    def take_step(step: int) -> float:
+        loss = step_fn(*(mx.array(a) for a in draw_batch(task, cfg, gen, step, V)))
+        mx.eval(loss, model.state, optimizer.state)
+        return float(loss)
+
+    def save(done: int) -> Path:
+        return save_checkpoint(cfg, done, model, optimizer, config_json, gen, tokenizer_src, task)
+
+    return run_steps(cfg, start, stop_at, take_step, save, ckpt, progress, log, on_step, deadline,
+                     lr=lambda: float(optimizer.learning_rate))
+
+
+def run_steps(cfg: TrainConfig, start: int, stop_at: int | None, take_step, save, last: Path | None,
+              progress: bool = True, log=print, on_step=None, deadline: float | None = None, lr=None) -> Path | None:
+    """The loop both trainers share: `take_step(step)` trains one step and returns its loss;
+    `save(done)` writes a checkpoint and returns it. Checks the loss, keeps its running mean for
+    the progress bar (or log lines), calls `on_step(done, loss, seconds)`, checkpoints every
+    `save_every` steps, at the end, and at the first step ending after `deadline`. Returns the
+    last checkpoint."""
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     bar = None
-    if progress and start < min(cfg.steps, stop_at or cfg.steps):
+    if progress and start < end:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
     running, tic = None, time.perf_counter()
-    last = ckpt
-    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     for step in range(start, end):
         step_tic = time.perf_counter()
-        loss = step_fn(*(mx.array(a) for a in draw_batch(task, cfg, gen, step, V)))
-        mx.eval(loss, model.state, optimizer.state)
-        loss = float(loss)
+        loss = take_step(step)
         if not math.isfinite(loss):
             raise TrainError(f"step {step}: the loss is {loss}; lower learning_rate or raise warmup_steps")
         running = loss if running is None else 0.95 * running + 0.05 * loss
@@ -605,12 +621,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | Non
             on_step(done, loss, time.perf_counter() - step_tic)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{float(optimizer.learning_rate):.2e}")
+            bar.set_postfix(loss=f"{running:.4f}", **({"lr": f"{lr():.2e}"} if lr else {}))
         if done % cfg.log_every == 0 and bar is None:
             log(f"step {done}/{cfg.steps} loss {running:.4f} ({time.perf_counter() - tic:.0f}s)")
         late = deadline is not None and time.time() > deadline and done < end
         if done % cfg.save_every == 0 or done == end or late:
-            last = save_checkpoint(cfg, done, model, optimizer, config_json, gen, tokenizer_src, task)
+            last = save(done)
         if late:
             log(f"deadline reached: stopped at step {done} of {cfg.steps} (checkpoint {last})")
             break
@@ -663,13 +679,24 @@ def main(argv=None) -> int:
                         help="stop at this step (with a checkpoint), keeping the learning-rate schedule of `steps`")
     parser.add_argument("--export", default=None, help="after training, copy the final model directory here")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    parser.add_argument("--backend", choices=["mlx", "torch"], default="mlx",
+                        help="take the steps with MLX (default) or torch (mlx_diffgemma/torch_backend/train.py)")
+    parser.add_argument("--device", default="cuda", help="with --backend torch: cuda (default) or cpu")
     args = parser.parse_args(argv)
+    run = train
+    if args.backend == "torch":
+        try:
+            from .torch_backend.train import train as run
+        except ImportError as e:
+            print(f"error: --backend torch needs torch ({e}); pip install 'mlx-diffgemma[torch]'", file=sys.stderr)
+            return 2
     try:
         cfg = TrainConfig.from_file(args.config)
         if args.steps is not None:
             cfg.steps = args.steps
             cfg.validate(args.config)
-        last = train(cfg, progress=not args.no_progress, stop_at=args.stop_at)
+        kw = {"device": args.device} if args.backend == "torch" else {}
+        last = run(cfg, progress=not args.no_progress, stop_at=args.stop_at, **kw)
         if args.export:
             export(last, Path(args.export), cfg.generation)
             print(f"exported {last} -> {args.export}")

@@ -114,3 +114,35 @@ def test_train_profile_times_plain_and_compiled_steps(tmp_path, monkeypatch):
     assert train_profile.main() == 0
     text = (tmp_path / "out" / "train_profile-tiny.txt").read_text()
     assert "plain " in text and "torch.compile " in text and "aten::" in text
+
+
+def test_the_train_cli_takes_the_torch_backend(tmp_path, capsys):
+    import json
+
+    from mlx_diffgemma.train import main
+
+    cfg = tiny(tmp_path / "run", steps=2)
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({**cfg.__dict__, "out_dir": str(tmp_path / "run")}))
+    assert main(["--config", str(config), "--backend", "torch", "--device", "cpu", "--no-progress"]) == 0
+    assert latest_checkpoint(tmp_path / "run").name == "step-0000002"
+    assert main(["--config", str(config), "--backend", "torch", "--device", "gpu"]) == 2
+    assert "device 'gpu' is not a torch device; use cuda or cpu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--config", str(config), "--backend", "torch", "--steps", "3"]) == 2
+        assert "torch sees no CUDA GPU here; use cpu" in capsys.readouterr().err
+
+
+def test_every_layer_of_a_deep_model_stays_compiled(tmp_path, caplog):
+    """Eight layers share one code object, each with a graph per pass: past dynamo's default limit
+    of 8 graphs the rest would fall back to eager with only a warning in the log."""
+    import copy
+
+    from test_train import TINY_MODEL
+
+    model = copy.deepcopy(TINY_MODEL)
+    model["text_config"].update(num_hidden_layers=8, layer_types=["sliding_attention", "full_attention"] * 4)
+    torch._dynamo.reset()
+    torch_train(tiny(tmp_path, model=model, compile=True, steps=2, self_cond_prob=1.0), device="cpu", progress=False)
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage() or "cache_size_limit" in r.getMessage()]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 8

@@ -15,15 +15,15 @@ densely (`Experts._every_expert`).
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import torch
 import torch.nn.functional as F
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..train import (
     TASKS,
@@ -33,6 +33,7 @@ from ..train import (
     draw_batch,
     latest_checkpoint,
     restore,
+    run_steps,
     save_checkpoint,
     schedule,
 )
@@ -122,7 +123,13 @@ def _loss_and_grads(model: DiffusionGemma, cfg: TrainConfig, args: list) -> torc
 
 def compile_layers(model: DiffusionGemma) -> None:
     """torch.compile each layer's forward (parameter names unchanged): a training step is mostly
-    small elementwise kernels (norms, RoPE, gates) that the compiler fuses."""
+    small elementwise kernels (norms, RoPE, gates) that the compiler fuses. Every layer shares
+    one code object, and each layer and pass (prompt, canvas, with and without gradients) is a
+    graph of its own: past dynamo's default of 8 the rest would silently run uncompiled."""
+    limit = 8 * len(model.layers)
+    for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and the older one
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
     for layer in model.layers:
         layer.forward = torch.compile(layer.forward, dynamic=False)
 
@@ -133,23 +140,15 @@ def uncompile_layers(model: DiffusionGemma) -> None:
 
 
 def _to_torch(mlx_model, config, gen, device) -> DiffusionGemma:
-    weights = {k: torch.from_numpy(np.array(v)) for k, v in _mlx_params(mlx_model).items()}
+    weights = {k: torch.from_numpy(np.array(v)) for k, v in tree_flatten(mlx_model.parameters())}
     model = from_weights(config, weights, gen, device=device, dtype=torch.float32, source="initial weights")
     for p in model.parameters():
         p.requires_grad_(True)
     return model.train()
 
 
-def _mlx_params(mlx_model) -> dict:
-    from mlx.utils import tree_flatten
-
-    return dict(tree_flatten(mlx_model.parameters()))
-
-
 def _to_mlx(model: DiffusionGemma, opt: AdamW, step: int, mlx_model, mlx_opt) -> None:
     """Copy weights and optimizer state back into the MLX model and optimizer, for a checkpoint."""
-    import mlx.core as mx
-    from mlx.utils import tree_unflatten
 
     def arr(t):
         return mx.array(t.detach().float().cpu().numpy())
@@ -162,8 +161,6 @@ def _to_mlx(model: DiffusionGemma, opt: AdamW, step: int, mlx_model, mlx_opt) ->
 
 
 def _from_mlx(mlx_opt, opt: AdamW, device) -> None:
-    from mlx.utils import tree_flatten
-
     flat = dict(tree_flatten(mlx_opt.state))
     for k in opt.params:
         opt.m[k].copy_(torch.from_numpy(np.array(flat[f"{k}.m"])).to(device))
@@ -176,12 +173,14 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
     on `device`. `tf32` lets CUDA matmuls run in TF32 (as MLX's CUDA backend does by default).
     `cfg.compile` compiles the layers with torch.compile; should that fail in the first steps
     (no C++ compiler, an unsupported op), training goes on without it."""
-    import mlx.core as mx
-    import mlx.optimizers as optim
-
     if cfg.lora is not None:
         raise TrainError("lora: the torch trainer does full fine-tuning only; train LoRA with python -m mlx_diffgemma.train")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise TrainError(f"device {device!r} is not a torch device; use cuda or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"device {device}: torch sees no CUDA GPU here; use cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
@@ -200,8 +199,7 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
     opt = AdamW(params, cfg.weight_decay)
     if start:
         _from_mlx(mlx_opt, opt, device)
-    compiled = bool(cfg.compile)
-    if compiled:
+    if cfg.compile:
         compile_layers(model)
     lr_at = schedule(cfg)
     V = model.config.vocab_size
@@ -209,58 +207,42 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
 
     def batch(step):  # host-side numpy, drawn one step ahead on a worker thread
         args = [torch.from_numpy(a) for a in draw_batch(task, cfg, gen, step, V)]
-        return [a.to(device, non_blocking=True) if device.type == "cuda" else a for a in
-                ([a.pin_memory() for a in args] if device.type == "cuda" else args)]
+        if device.type == "cuda":  # pinned, so the copy does not wait for the running step
+            args = [a.pin_memory().to(device, non_blocking=True) for a in args]
+        return args
 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
-    bar = None
-    if progress and start < end:
-        from tqdm import tqdm
+    ahead = None  # the next step's batch, in flight on the worker thread
+    compiled, lr = bool(cfg.compile), 0.0
 
-        bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
-    running, tic = None, time.perf_counter()
-    with ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(batch, start) if start < end else None
-        for step in range(start, end):
-            step_tic = time.perf_counter()
-            args = ahead.result()
-            ahead = pool.submit(batch, step + 1) if step + 1 < end else None
-            try:
-                loss = _loss_and_grads(model, cfg, args)
-            except Exception as e:  # each graph compiles on its first use, all within the first steps
-                if not compiled or step > start + 10:
-                    raise
-                log(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
-                    "training without it")
-                uncompile_layers(model)
-                compiled = False
-                for p in params.values():
-                    p.grad = None
-                loss = _loss_and_grads(model, cfg, args)
-            if cfg.grad_clip:
-                clip_grad_norm(list(params.values()), cfg.grad_clip)
-            opt.update(float(lr_at(mx.array(step))))
+    def take_step(step: int) -> float:
+        nonlocal ahead, compiled, lr
+        args = (ahead or pool.submit(batch, step)).result()
+        ahead = pool.submit(batch, step + 1) if step + 1 < end else None
+        try:
+            loss = _loss_and_grads(model, cfg, args)
+        except Exception as e:  # each graph compiles on its first use, all within the first steps
+            if not compiled or step > start + 10:
+                raise
+            log(f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]}); "
+                "training without it")
+            uncompile_layers(model)
+            compiled = False
             for p in params.values():
                 p.grad = None
-            loss = loss.item()
-            if not math.isfinite(loss):
-                raise TrainError(f"step {step}: the loss is {loss}; lower learning_rate or raise warmup_steps")
-            running = loss if running is None else 0.95 * running + 0.05 * loss
-            done = step + 1
-            if on_step is not None:
-                on_step(done, loss, time.perf_counter() - step_tic)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}")
-            if done % cfg.log_every == 0 and bar is None:
-                log(f"step {done}/{cfg.steps} loss {running:.4f} ({time.perf_counter() - tic:.0f}s)")
-            late = deadline is not None and time.time() > deadline and done < end
-            if done % cfg.save_every == 0 or done == end or late:
-                _to_mlx(model, opt, done, mlx_model, mlx_opt)
-                last = save_checkpoint(cfg, done, mlx_model, mlx_opt, config_json, gen, tokenizer_src, task)
-            if late:
-                log(f"deadline reached: stopped at step {done} of {cfg.steps} (checkpoint {last})")
-                break
-    if bar is not None:
-        bar.close()
-    return last
+            loss = _loss_and_grads(model, cfg, args)
+        if cfg.grad_clip:
+            clip_grad_norm(list(params.values()), cfg.grad_clip)
+        lr = float(lr_at(mx.array(step)))
+        opt.update(lr)
+        for p in params.values():
+            p.grad = None
+        return loss.item()
+
+    def save(done: int) -> Path:
+        _to_mlx(model, opt, done, mlx_model, mlx_opt)
+        return save_checkpoint(cfg, done, mlx_model, mlx_opt, config_json, gen, tokenizer_src, task)
+
+    with ThreadPoolExecutor(1) as pool:
+        return run_steps(cfg, start, stop_at, take_step, save, last, progress, log, on_step, deadline,
+                         lr=lambda: lr)
