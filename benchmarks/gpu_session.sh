@@ -25,7 +25,9 @@
 # `torch` trains the 4.2 M-parameter model and its twin with torch on the GPU
 # (mlx_diffgemma/torch_backend/train.py; the same steps as the MLX trainer), in ONE command:
 #   here, once:  bash benchmarks/gpu_session.sh prepare-torch     # -> .whlcpu/ (MLX's CPU wheels, mlx-lm)
-#   there:       carry .whlcpu:  bash benchmarks/gpu_session.sh torch   (DRY=1 rehearses it here)
+#   there:       carry .whlcpu:  bash benchmarks/gpu_session.sh torch   (DRY=1 rehearses it here;
+#                COMPILE=--no-compile and BF16=1 change the step)
+# `profile` (carry .whlcpu) times that step plain, compiled and compiled in bf16 first.
 # DRY=1 bash benchmarks/gpu_session.sh run   rehearses `run` here on the CPU (no unpacking, torch on
 # the CPU, 2 training steps), so a mistake in this script does not cost a lease. Add
 # DIFF_CONFIG=training/sudoku_gpu_finetune_diffusion.yaml AR_CONFIG=training/sudoku_gpu_finetune_autoregressive.yaml:
@@ -85,6 +87,19 @@ prepare-torch)
         mlx-cpu==0.32.4 mlx-lm==0.32.2
     du -sh .whlcpu
     ;;
+profile)
+    # The torch step's cost plain, compiled, and compiled under bf16 autocast, then a kernel table
+    # (benchmarks/train_profile.py; carry .whlcpu): a few minutes, to choose the `torch` settings
+    begin "${TOTAL_S:-300}"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        --find-links .whlcpu mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2
+    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    dev=cuda && [ -n "${DRY:-}" ] && dev=cpu  # DRY=1 DIFF_CONFIG=<a tiny config> rehearses it here
+    timeout $((END - $(date +%s))) python3 -m benchmarks.train_profile --config "${DIFF_CONFIG:-training/sudoku_gpu.yaml}" \
+        --device $dev --out "$r" > "$r/train_profile.log" 2>&1
+    stamp profiled $?
+    finish /nonexistent
+    ;;
 torch)
     # Both models from scratch, side by side, for the steps that fit (a timed probe of the
     # diffusion run; the twin trains as many), with torch on the GPU and MLX on the CPU
@@ -113,7 +128,7 @@ torch)
     if [ -z "${DRY:-}" ]; then steps="--budget-s $((DEADLINE - $(date +%s))) --safety ${SAFETY:-0.6} --steps-file /tmp/steps"
     else steps="--steps 2" && echo 2 > /tmp/steps; fi
     # torch.compile of the layers (COMPILE=--no-compile to skip); a failure to compile falls back to plain layers
-    compile=${COMPILE:---compile}
+    compile="${COMPILE:---compile}${BF16:+ --bf16}"  # BF16=1: the passes under bf16 autocast
     timeout $((END - $(date +%s))) python3 training/train_sudoku.py --backend torch --device $DEV $compile \
         --config "${DIFF_CONFIG:-training/sudoku_gpu.yaml}" $steps --deadline "$DEADLINE" \
         --out-dir /tmp/run-diffusion --export /tmp/models/sudoku > "$r/train_diffusion.log" 2>&1 &

@@ -3,8 +3,9 @@ torch.profiler, the kernels ranked by their total GPU time.
 
     python -m benchmarks.train_profile --config training/sudoku_gpu.yaml --device cuda --out DIR
 
-Writes DIR/train_profile-<config>.txt: a header (card, versions, ms per step plain and with
-torch.compile, side by side in the run) and the ranked table.
+Writes DIR/train_profile-<config>.txt: a header (card, versions, ms per step plain, with
+torch.compile and with torch.compile under bf16 autocast, side by side in the run) and the
+ranked table.
 """
 
 import argparse
@@ -31,23 +32,27 @@ def main() -> int:
     p.add_argument("--timed", type=int, default=10, help="timed steps, plain and compiled")
     p.add_argument("--steps", type=int, default=3, help="profiled steps")
     p.add_argument("--compile", action="store_true", help="profile the compiled step (default: plain)")
+    p.add_argument("--no-bf16", action="store_true", help="skip timing the compiled step under bf16 autocast")
     p.add_argument("--rows", type=int, default=30)
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
 
     cfg = TrainConfig.from_file(args.config)
     cfg.compile = args.compile
+    cfg.steps = max(cfg.steps, args.warmup + args.timed, args.steps)  # a short config still runs them all
 
-    def per_step(compile: bool) -> float:
+    def per_step(compile: bool, bf16: bool = False) -> float:
         """ms per step after the first `--warmup` (which also compile), a fresh model each time"""
         times: list[float] = []
         with tempfile.TemporaryDirectory() as tmp:
             run = dataclasses.replace(cfg, out_dir=tmp, save_every=10**6, log_every=10**6, compile=compile)
-            train(run, device=args.device, progress=False, stop_at=args.warmup + args.timed,
+            train(run, device=args.device, progress=False, stop_at=args.warmup + args.timed, bf16=bf16,
                   on_step=lambda s, l, dt: times.append(dt))
         return 1e3 * sum(times[args.warmup:]) / len(times[args.warmup:])
 
     timed = {"plain": per_step(False), "torch.compile": per_step(True)}
+    if not args.no_bf16:
+        timed["torch.compile + bf16"] = per_step(True, bf16=True)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with tempfile.TemporaryDirectory() as tmp, profile(activities=acts) as prof:
         run = dataclasses.replace(cfg, out_dir=tmp, save_every=10**6, log_every=10**6)

@@ -110,7 +110,8 @@ def test_train_profile_times_plain_and_compiled_steps(tmp_path, monkeypatch):
     raw = {k: v for k, v in cfg.__dict__.items() if k != "out_dir"}
     config.write_text(json.dumps({**raw, "out_dir": "run"}))
     monkeypatch.setattr(sys, "argv", ["train_profile", "--config", str(config), "--device", "cpu", "--warmup", "1",
-                                      "--timed", "1", "--steps", "1", "--rows", "5", "--out", str(tmp_path / "out")])
+                                      "--timed", "1", "--steps", "1", "--rows", "5", "--out", str(tmp_path / "out"),
+                                      "--no-bf16"])  # compiling under CPU autocast alone takes a minute
     assert train_profile.main() == 0
     text = (tmp_path / "out" / "train_profile-tiny.txt").read_text()
     assert "plain " in text and "torch.compile " in text and "aten::" in text
@@ -146,3 +147,12 @@ def test_every_layer_of_a_deep_model_stays_compiled(tmp_path, caplog):
     torch_train(tiny(tmp_path, model=model, compile=True, steps=2, self_cond_prob=1.0), device="cpu", progress=False)
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage() or "cache_size_limit" in r.getMessage()]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 8
+
+
+@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+def test_bf16_autocast_takes_nearly_the_same_steps(tmp_path, objective):
+    fp32, w32 = run(torch_train, tiny(tmp_path / "fp32", objective=objective), device="cpu")
+    bf16, w16 = run(torch_train, tiny(tmp_path / "bf16", objective=objective), device="cpu", bf16=True)
+    np.testing.assert_allclose(bf16, fp32, rtol=2e-2)  # bf16 keeps 8 bits of mantissa
+    assert fp32 != bf16  # the passes did run in bf16
+    assert all(w16[k].dtype == mx.float32 for k in w16)  # the weights and checkpoints stay fp32

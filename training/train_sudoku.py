@@ -86,6 +86,7 @@ def main() -> int:
                    "default: the config's `compile`")
     p.add_argument("--backend", choices=["mlx", "torch"], default="mlx",
                    help="take the steps with MLX (default) or with torch (NVIDIA GPUs)")
+    p.add_argument("--bf16", action="store_true", help="with --backend torch: the passes under bf16 autocast")
     p.add_argument("--out-dir", default=None, help="checkpoints here instead of the config's out_dir")
     p.add_argument("--export", default=None, help="copy the final model here (default: the package for the "
                    "diffusion model, runs/sudoku-autoregressive-final for the baseline)")
@@ -96,7 +97,7 @@ def main() -> int:
         from mlx_diffgemma.torch_backend.train import train as torch_train
 
         device = "cpu" if args.device == "cpu" else "cuda"
-        run = functools.partial(torch_train, device=device)
+        run = functools.partial(torch_train, device=device, bf16=args.bf16)
     elif args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     config = Path(args.config) if args.config else HERE / ("sudoku_autoregressive.yaml" if args.baseline else "sudoku.yaml")

@@ -106,16 +106,18 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
     torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
-def _loss_and_grads(model: DiffusionGemma, cfg: TrainConfig, args: list) -> torch.Tensor:
+def _loss_and_grads(model: DiffusionGemma, cfg: TrainConfig, args: list, bf16: bool = False) -> torch.Tensor:
     """The batch's loss, its gradients accumulated in .grad: `micro_batches` equal slices, each
-    backward scaled by 1/n, so the gradients sum to the whole batch's."""
+    backward scaled by 1/n, so the gradients sum to the whole batch's. `bf16` runs the passes
+    under autocast (weights, optimizer and loss stay fp32)."""
     loss = 0.0
     for part in zip(*(a.chunk(cfg.micro_batches) for a in args)):
         part = [a.long() if a.dtype != torch.float32 else a for a in part]
-        if cfg.objective == "autoregressive":
-            sliced = autoregressive_loss(model, *part[:2])
-        else:
-            sliced = diffusion_loss(model, *part)
+        with torch.autocast(part[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+            if cfg.objective == "autoregressive":
+                sliced = autoregressive_loss(model, *part[:2])
+            else:
+                sliced = diffusion_loss(model, *part)
         (sliced / cfg.micro_batches).backward()
         loss = loss + sliced.detach() / cfg.micro_batches
     return loss
@@ -168,9 +170,11 @@ def _from_mlx(mlx_opt, opt: AdamW, device) -> None:
 
 
 def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, stop_at: int | None = None,
-          on_step=None, deadline: float | None = None, tf32: bool = True) -> Path:
+          on_step=None, deadline: float | None = None, tf32: bool = True, bf16: bool = False) -> Path:
     """The MLX trainer's `train` (same arguments, same checkpoints) with the steps taken by torch
-    on `device`. `tf32` lets CUDA matmuls run in TF32 (as MLX's CUDA backend does by default).
+    on `device`. `tf32` lets CUDA matmuls run in TF32 (as MLX's CUDA backend does by default);
+    `bf16` runs the passes under bf16 autocast (half the bytes for a step that is mostly
+    elementwise kernels on a GPU; the MLX trainer has no such mode, so its steps differ slightly).
     `cfg.compile` compiles the layers with torch.compile; should that fail in the first steps
     (no C++ compiler, an unsupported op), training goes on without it."""
     if cfg.lora is not None:
@@ -220,7 +224,7 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
         args = (ahead or pool.submit(batch, step)).result()
         ahead = pool.submit(batch, step + 1) if step + 1 < end else None
         try:
-            loss = _loss_and_grads(model, cfg, args)
+            loss = _loss_and_grads(model, cfg, args, bf16)
         except Exception as e:  # each graph compiles on its first use, all within the first steps
             if not compiled or step > start + 10:
                 raise
@@ -230,7 +234,7 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
             compiled = False
             for p in params.values():
                 p.grad = None
-            loss = _loss_and_grads(model, cfg, args)
+            loss = _loss_and_grads(model, cfg, args, bf16)
         if cfg.grad_clip:
             clip_grad_norm(list(params.values()), cfg.grad_clip)
         lr = float(lr_at(mx.array(step)))
