@@ -189,7 +189,6 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
     task = TASKS[cfg.task](cfg)
-    mx.set_default_device(mx.cpu)  # MLX only builds, restores and saves here
     mlx_model, config_json, gen, tokenizer_src = build(cfg)
     config_json = {**config_json, "objective": cfg.objective, "trained_canvas_lengths": task.canvas_lengths(mlx_model)}
     mlx_opt = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
