@@ -542,27 +542,33 @@ def accumulate(loss_and_grad, args, n: int):
     return loss, grads
 
 
-def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | None = None, on_step=None,
-          deadline: float | None = None) -> Path:
-    """Run (or resume) training; returns the directory of the last checkpoint. `stop_at` ends the
-    run early at that step (with a checkpoint) while keeping the schedule of the full `steps`;
-    `deadline` (a time.time() value) does the same at the first step that ends after it.
-    `on_step(step, loss, seconds)` sees every finished step (seconds: that step's wall time)."""
+def prepare(cfg: TrainConfig, log=print):
+    """What a run starts from, for either trainer: (task, MLX model with LoRA applied, config.json
+    dict, generation config, tokenizer source, AdamW initialised, start step, latest checkpoint),
+    restored from that checkpoint when there is one."""
     task = TASKS[cfg.task](cfg)
     model, config_json, gen, tokenizer_src = build(cfg)
     # what the fast path's short canvases check (fast.check_model)
     config_json = {**config_json, "objective": cfg.objective, "trained_canvas_lengths": task.canvas_lengths(model)}
     if cfg.lora is not None:
         apply_lora(model, cfg.lora, cfg.seed)
-    V = model.config.vocab_size
-
     optimizer = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
-    start = 0
-    ckpt = latest_checkpoint(cfg.out_dir)
+    start, ckpt = 0, latest_checkpoint(cfg.out_dir)
     if ckpt is not None:
         start = restore(ckpt, cfg, model, optimizer)
         log(f"resuming from {ckpt} (step {start})")
+    return task, model, config_json, gen, tokenizer_src, optimizer, start, ckpt
+
+
+def train(cfg: TrainConfig, progress: bool = True, log=print, stop_at: int | None = None, on_step=None,
+          deadline: float | None = None) -> Path:
+    """Run (or resume) training; returns the directory of the last checkpoint. `stop_at` ends the
+    run early at that step (with a checkpoint) while keeping the schedule of the full `steps`;
+    `deadline` (a time.time() value) does the same at the first step that ends after it.
+    `on_step(step, loss, seconds)` sees every finished step (seconds: that step's wall time)."""
+    task, model, config_json, gen, tokenizer_src, optimizer, start, ckpt = prepare(cfg, log)
+    V = model.config.vocab_size
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     log(f"{cfg.objective} training: {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable")

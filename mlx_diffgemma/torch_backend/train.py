@@ -19,20 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.optimizers as optim
 import numpy as np
 import torch
 import torch.nn.functional as F
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..train import (
-    TASKS,
     TrainConfig,
     TrainError,
-    build,
     draw_batch,
-    latest_checkpoint,
-    restore,
+    prepare,
     run_steps,
     save_checkpoint,
     schedule,
@@ -97,13 +93,6 @@ class AdamW:
         torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
         denom = torch._foreach_add(torch._foreach_sqrt(vs), ADAM_EPS)
         torch._foreach_addcdiv_(ps, ms, denom, -lr)
-
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> None:
-    """MLX's rule: scale by min(max_norm / (norm + 1e-6), 1)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
 def _loss_and_grads(model: DiffusionGemma, cfg: TrainConfig, args: list, bf16: bool = False) -> torch.Tensor:
@@ -188,15 +177,7 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-    task = TASKS[cfg.task](cfg)
-    mlx_model, config_json, gen, tokenizer_src = build(cfg)
-    config_json = {**config_json, "objective": cfg.objective, "trained_canvas_lengths": task.canvas_lengths(mlx_model)}
-    mlx_opt = optim.AdamW(learning_rate=schedule(cfg), weight_decay=cfg.weight_decay)
-    mlx_opt.init(mlx_model.trainable_parameters())
-    start, last = 0, latest_checkpoint(cfg.out_dir)
-    if last is not None:
-        start = restore(last, cfg, mlx_model, mlx_opt)
-        log(f"resuming from {last} (step {start})")
+    task, mlx_model, config_json, gen, tokenizer_src, mlx_opt, start, last = prepare(cfg, log)
     model = _to_torch(mlx_model, mlx_model.config, gen, device)
     params = dict(model.named_parameters())
     opt = AdamW(params, cfg.weight_decay)
@@ -235,7 +216,8 @@ def train(cfg: TrainConfig, device="cuda", progress: bool = True, log=print, sto
                 p.grad = None
             loss = _loss_and_grads(model, cfg, args, bf16)
         if cfg.grad_clip:
-            clip_grad_norm(list(params.values()), cfg.grad_clip)
+            # torch's rule is MLX's: scale by min(max_norm / (norm + 1e-6), 1)
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         lr = float(lr_at(mx.array(step)))
         opt.update(lr)
         for p in params.values():
