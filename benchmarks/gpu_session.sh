@@ -60,6 +60,12 @@ unpack() {
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
 }
+# MLX's CPU wheels and mlx-lm (carried in .whlcpu) into /tmp/site: the torch modes' MLX builds and saves
+unpack_cpu() {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        --find-links .whlcpu mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2
+    export PYTHONPATH="/tmp/site:$PWD"
+}
 
 case "${1:-}" in
 prepare)
@@ -91,9 +97,7 @@ profile)
     # The torch step's cost plain, compiled, and compiled under bf16 autocast, then a kernel table
     # (benchmarks/train_profile.py; carry .whlcpu): a few minutes, to choose the `torch` settings
     begin "${TOTAL_S:-300}"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        --find-links .whlcpu mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2
-    export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
+    unpack_cpu && export PYTHONUNBUFFERED=1
     dev=cuda && [ -n "${DRY:-}" ] && dev=cpu  # DRY=1 DIFF_CONFIG=<a tiny config> rehearses it here
     timeout $((END - $(date +%s))) python3 -m benchmarks.train_profile --config "${DIFF_CONFIG:-training/sudoku_gpu.yaml}" \
         --device $dev --out "$r" > "$r/train_profile.log" 2>&1
@@ -105,9 +109,7 @@ torch)
     # diffusion run; the twin trains as many), with torch on the GPU and MLX on the CPU
     begin "${TOTAL_S:-560}"
     if [ -z "${DRY:-}" ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-            --find-links .whlcpu mlx==0.32.4 mlx-cpu==0.32.4 mlx-lm==0.32.2
-        export PYTHONPATH="/tmp/site:$PWD"
+        unpack_cpu
         DEV=gpu
     else  # a rehearsal on this machine's CPU, at batch 32 (batch 512 takes ~30 GB a model in torch)
         export PYTHONPATH="$PWD"
