@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_diffgemma.kernels import epilogue, lm_head_epilogue, registry, shim
+from mlx_diffgemma.kernels import epilogue, lm_head_epilogue, metal_shim, registry, shim
 
 
 def numpy_epilogue(raw, cap, T, u, k):
@@ -174,3 +174,44 @@ def test_cuda_twins_compile_with_nvrtc():
     name, unit = next(iter(nvrtc.epilogue_units("float32", macros=metal_only).items()))
     ok, log = nvrtc.compile_check(unit, name + ".cu")
     assert not ok and 'identifier "uint" is undefined' in log
+
+
+@pytest.mark.skipif(not metal_shim.compiler_available(), reason="needs g++")
+@pytest.mark.parametrize("dtype, rows, chunk", [(mx.float32, 3, 128), (mx.float32, 20, None), (mx.bfloat16, 7, 256)])
+def test_metal_wrapper_runs_through_the_metal_shim(monkeypatch, dtype, rows, chunk):
+    # the production wrapper (macros, template K, input/output lists, dtypes, shapes, grid) with
+    # mx.fast.metal_kernel replaced by the shim: MLX's generated Metal source, compiled by g++ and
+    # run thread by thread; 3 rows put `u` in the constant address space, as MLX does below 8 elements
+    rng = np.random.default_rng(rows)
+    raw = mx.array((rng.normal(size=(rows, 1000)) * 25).astype(np.float32)).astype(dtype)
+    u = mx.array(rng.random(rows).astype(np.float32))
+    monkeypatch.setattr(mx.fast, "metal_kernel", metal_shim.metal_kernel)
+    monkeypatch.setattr(epilogue, "_KERNELS", {})
+    got = [np.array(a) for a in epilogue.epilogue_kernel(raw, 30.0, 0.6, u, 16, target="metal", chunk=chunk)]
+    ref = [np.array(a) for a in epilogue.epilogue_reference(raw, 30.0, 0.6, u, 16)]
+    assert (got[0] == ref[0]).all() and (got[3] == ref[3]).all() and (got[4] == ref[4]).all()
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[5], ref[5], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not metal_shim.compiler_available(), reason="needs g++")
+def test_metal_shim_rejects_what_metal_would():
+    x = mx.arange(16, dtype=mx.float32)
+
+    def run(body, grid=(16, 1, 1)):
+        k = metal_shim.metal_kernel("probe", ["x"], ["y"], body)
+        return np.array(k(inputs=[x], template=[("K", 2)], grid=grid, threadgroup=(8, 1, 1),
+                          output_shapes=[(16,)], output_dtypes=[mx.float32])[0])
+
+    good = "const uint i = thread_position_in_grid.x; y[i] = x[i] * K;"
+    assert (run(good) == np.arange(16) * 2).all()
+    assert (run(good, grid=(8, 1, 1))[8:] == 0).all()  # the grid is what runs, nothing more
+    with pytest.raises(metal_shim.MetalShimError, match="thread_positon_in_grid"):  # an attribute MLX never declares
+        run("const uint i = thread_positon_in_grid.x; y[i] = x[i];")
+    with pytest.raises(metal_shim.MetalShimError, match="cooperative_groups"):  # the CUDA twin's macros
+        run(epilogue.macro_header(epilogue._CUDA_MACROS) + "const uint i = TID; y[i] = x[i];")
+    with pytest.raises(metal_shim.MetalShimError, match="double"):  # no double in Metal; fp64 in the CUDA twin
+        run("const uint i = thread_position_in_grid.x; y[i] = x[i] * 0.5;")
+    with pytest.raises(metal_shim.MetalShimError, match="simd"):  # needs threads that run together
+        run("const uint i = thread_index_in_simdgroup; y[i] = x[i];")
