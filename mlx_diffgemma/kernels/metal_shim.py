@@ -21,14 +21,11 @@ quad-group attributes are refused) and speed.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+
+from .shim import compile_library, compiler_available  # noqa: F401 (the tests ask this module)
 
 MAX_CONSTANT_ARRAY_SIZE = 8  # MLX passes inputs with fewer elements in the `constant` address space
 MAX_THREADGROUP = 1024  # Apple GPUs' maxTotalThreadsPerThreadgroup for a simple kernel
@@ -105,10 +102,6 @@ inline float tanh(float x) { return std::tanh(x); }
 
 class MetalShimError(RuntimeError):
     """The generated source did not compile, or the kernel asked for what the shim cannot run."""
-
-
-def compiler_available() -> bool:
-    return shutil.which("g++") is not None
 
 
 def _type(dtype) -> tuple[str, type]:
@@ -195,27 +188,13 @@ def _launcher(kname: str, template: list, input_names: list[str], inputs: list[m
     )
 
 
-_LIBS: dict = {}
-
-
-def build(unit: str) -> ctypes.CDLL:
-    """Compile a translation unit (cached by its text). -Werror=double-promotion: Metal has no double
-    type, and the CUDA twin built from the same body would compute an unsuffixed literal in fp64."""
-    key = hashlib.sha256(unit.encode()).hexdigest()[:16]
-    if key not in _LIBS:
-        out = Path(tempfile.gettempdir()) / f"mlx_diffgemma_metal_shim_{key}.so"
-        if not out.exists():
-            cpp = out.with_suffix(".cpp")
-            cpp.write_text(unit)
-            tmp = out.with_suffix(f".{id(unit)}.tmp.so")
-            done = subprocess.run(["g++", "-O2", "-shared", "-fPIC", "-std=c++17", "-Wall", "-Wno-attributes",
-                                   "-Wno-unused-variable", "-Werror=double-promotion", str(cpp), "-o", str(tmp)],
-                                  capture_output=True, text=True)
-            if done.returncode != 0:
-                raise MetalShimError(f"the generated Metal source did not compile ({cpp}):\n{done.stderr}")
-            tmp.replace(out)  # atomic: a concurrent build never sees half a library
-        _LIBS[key] = ctypes.CDLL(str(out))
-    return _LIBS[key]
+def build(unit: str):
+    """Compile a translation unit. -Werror=double-promotion: Metal has no double type, and the CUDA
+    twin built from the same body would compute an unsuffixed literal in fp64."""
+    try:
+        return compile_library(unit, ("-Wall", "-Wno-attributes", "-Wno-unused-variable", "-Werror=double-promotion"))
+    except RuntimeError as e:
+        raise MetalShimError(f"the generated Metal source did not compile: {e}") from None
 
 
 def _host(a: mx.array) -> np.ndarray:

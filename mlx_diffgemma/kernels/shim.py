@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -73,20 +74,27 @@ def compiler_available() -> bool:
 _LIBS: dict = {}
 
 
-def build(k: int) -> ctypes.CDLL:
-    src = cpp_source(k)
-    key = hashlib.sha256(src.encode()).hexdigest()[:16]
+def compile_library(unit: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build a C++ translation unit into a shared library with g++ and load it, cached by the text
+    and flags (in memory, and as a file in the temp folder). Raises RuntimeError with g++'s output."""
+    key = hashlib.sha256((unit + " ".join(flags)).encode()).hexdigest()[:16]
     if key not in _LIBS:
         out = Path(tempfile.gettempdir()) / f"mlx_diffgemma_shim_{key}.so"
         if not out.exists():
             cpp = out.with_suffix(".cpp")
-            cpp.write_text(src)
-            tmp = out.with_suffix(".tmp.so")
-            subprocess.run(["g++", "-O2", "-shared", "-fPIC", "-std=c++17", str(cpp), "-o", str(tmp)],
-                           check=True, capture_output=True)
+            cpp.write_text(unit)
+            tmp = out.with_suffix(f".{os.getpid()}.tmp.so")
+            done = subprocess.run(["g++", "-O2", "-shared", "-fPIC", "-std=c++17", *flags, str(cpp), "-o", str(tmp)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"g++ failed on {cpp}:\n{done.stderr}")
             tmp.replace(out)  # atomic: a concurrent build never sees half a library
         _LIBS[key] = ctypes.CDLL(str(out))
     return _LIBS[key]
+
+
+def build(k: int) -> ctypes.CDLL:
+    return compile_library(cpp_source(k))
 
 
 def _ptr(a: np.ndarray):
