@@ -8,8 +8,8 @@ batch) and the canvas through `model.denoise`, the same two calls inference make
 
 Self-conditioning is trained the two-pass way: with probability `self_cond_prob` a batch first runs
 a no-grad denoise of the same corrupted canvas, and its logits, divided by a temperature drawn
-from the checkpoint's [t_min, t_max] (inference feeds the temperature-scaled logits), become the
-second pass's `self_cond`. The loss is taken on the second pass only.
+from `self_cond_temperatures` (default: the generation section's [t_min, t_max], since inference
+feeds the temperature-scaled logits), become the second pass's `self_cond`. The loss is taken on the second pass only.
 
 `objective: autoregressive` trains the same network as a left-to-right model over the canvas (a
 causal mask over [prompt ; target]): the baseline that shows what bidirectional denoising buys.
@@ -91,6 +91,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     eps: float = 1e-3
     self_cond_prob: float = 0.5
+    # [lo, hi]: training divides the first pass's self-conditioning logits by a temperature drawn
+    # from this range; default: the generation section's t_min..t_max, the range inference feeds
+    self_cond_temperatures: list | None = None
     lora: dict | None = None
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -155,6 +158,9 @@ class TrainConfig:
             bad(f"eps must be in (0, 1), got {self.eps}")
         if not 0 <= self.self_cond_prob <= 1:
             bad(f"self_cond_prob must be in [0, 1], got {self.self_cond_prob}")
+        t = self.self_cond_temperatures
+        if t is not None and not (isinstance(t, (list, tuple)) and len(t) == 2 and 0 < t[0] <= t[1]):
+            bad(f"self_cond_temperatures must be [lo, hi] with 0 < lo <= hi, got {t!r}")
         if not self.learning_rate > 0:
             bad(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.lora is not None:
@@ -413,7 +419,8 @@ def draw_batch(task, cfg: TrainConfig, gen: GenerationConfig, step: int, vocab_s
         canvas, _ = corrupt(target, rng, vocab_size, cfg.eps)
         args.append(canvas)
         if rng.random() < cfg.self_cond_prob:
-            args.append(rng.uniform(gen.t_min, gen.t_max, size=(len(target), 1, 1)).astype(np.float32))
+            lo, hi = cfg.self_cond_temperatures or (gen.t_min, gen.t_max)
+            args.append(rng.uniform(lo, hi, size=(len(target), 1, 1)).astype(np.float32))
     return args
 
 
@@ -660,8 +667,9 @@ def generation_json(gen: GenerationConfig, bos_token_id) -> str:
 def export(checkpoint: Path, out: Path, generation: dict | None = None) -> None:
     """Copy the loadable part of a checkpoint (no optimizer state) to `out`, atomically.
     `generation` (the config's `generation:` section) is applied to its generation_config.json, so
-    the export samples as the config says. Training reads the same section (self-conditioning
-    draws its temperatures from t_min..t_max), so edit it in a new stage's config, not a finished one."""
+    the export samples as the config says. Without `self_cond_temperatures`, training reads the same
+    section (self-conditioning draws its temperatures from t_min..t_max): then edit it in a new
+    stage's config, not a finished one."""
     with atomic_dir(out) as tmp:
         for f in Path(checkpoint).iterdir():
             if f.is_file() and f.name not in ("optimizer.safetensors", "trainer_state.json"):

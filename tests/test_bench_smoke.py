@@ -327,7 +327,7 @@ def test_fast_path_sort_task_counts_the_answer_not_the_canvas(tmp_path, monkeypa
     (["--task", "sort", "--lengths", "0", "5"], "1..48"),
     (["--puzzles", "1"], "at least 2 items"),
     (["--model", "/nonexistent/model"], "/nonexistent/model"),
-    (["--puzzles", "2", "--modes", "short"], "48-row canvases, but this model lists no trained_canvas_lengths"),
+    (["--puzzles", "2", "--modes", "short"], "48-row canvases, but this model was trained on canvases of 81 rows"),
 ])
 def test_fast_path_bad_input_is_one_line(capsys, argv, culprit):
     from benchmarks import fast_path

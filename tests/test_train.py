@@ -19,6 +19,7 @@ from mlx_diffgemma.train import (
     build,
     corrupt,
     diffusion_loss,
+    draw_batch,
     generate_autoregressive,
     latest_checkpoint,
     main,
@@ -178,6 +179,25 @@ def test_generate_autoregressive_shape(tmp_path):
     model = build(tiny(tmp_path))[0]
     out = generate_autoregressive(model, sudoku.prompt_batch(np.zeros((3, 81), dtype=np.int64)), 5)
     assert out.shape == (3, 5) and out.dtype.kind == "i"
+
+
+def test_self_cond_temperatures_default_to_the_sampler_range(tmp_path):
+    from mlx_diffgemma.config import GenerationConfig
+
+    gen = GenerationConfig(t_min=1.0, t_max=1.5)
+    cfg = tiny(tmp_path, self_cond_prob=1.0)
+    task = TASKS["sudoku"](cfg)
+    temps = draw_batch(task, cfg, gen, 0, 16)[3]
+    assert temps.min() >= 1.0 and temps.max() <= 1.5  # the range inference feeds
+    fixed = tiny(tmp_path, self_cond_prob=1.0, self_cond_temperatures=[0.4, 0.8])
+    temps = draw_batch(task, fixed, gen, 0, 16)[3]
+    assert temps.min() >= 0.4 and temps.max() <= 0.8  # the config's own range, whatever the sampler says
+    # the same draws otherwise: the batch stays a function of (seed, step)
+    same = draw_batch(task, tiny(tmp_path, self_cond_prob=1.0), GenerationConfig(t_min=0.4, t_max=0.8), 0, 16)
+    for a, b in zip(draw_batch(task, fixed, gen, 0, 16), same):
+        assert np.array_equal(a, b)
+    with pytest.raises(TrainError, match="self_cond_temperatures"):
+        tiny(tmp_path, self_cond_temperatures=[0.8, 0.4])
 
 
 def test_bad_configs_name_the_culprit(tmp_path, capsys):

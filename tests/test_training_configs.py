@@ -1,5 +1,6 @@
-"""The committed Sudoku training configs: every one parses, each stage starts from the previous
-stage's last checkpoint, and the diffusion model and its autoregressive twin train the same way."""
+"""The committed Sudoku training configs: every one parses, each stage of the staged model starts from
+the previous stage's last checkpoint, and every diffusion config's autoregressive twin trains the
+same way."""
 
 import re
 from dataclasses import asdict
@@ -10,7 +11,6 @@ import pytest
 from mlx_diffgemma.train import TrainConfig
 
 TRAINING = Path(__file__).resolve().parents[1] / "training"
-FIRST = {"diffusion": "sudoku.yaml", "autoregressive": "sudoku_autoregressive.yaml"}
 
 
 def stage_number(path: Path) -> int:
@@ -18,8 +18,7 @@ def stage_number(path: Path) -> int:
 
 
 def stages(objective: str) -> list[Path]:
-    later = sorted(TRAINING.glob(f"sudoku_stage*_{objective}.yaml"), key=stage_number)
-    return [TRAINING / FIRST[objective], *later]
+    return sorted(TRAINING.glob(f"sudoku_stage*_{objective}.yaml"), key=stage_number)
 
 
 def resolved(path: str) -> Path:
@@ -35,7 +34,8 @@ def test_every_config_parses(path):
 @pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
 def test_each_stage_starts_from_the_previous_stages_end(objective):
     chain = stages(objective)
-    assert [stage_number(p) for p in chain[1:]] == list(range(2, len(chain) + 1)), "stage numbers have a gap"
+    assert [stage_number(p) for p in chain] == list(range(1, len(chain) + 1)), "stage numbers have a gap"
+    assert TrainConfig.from_file(chain[0]).init_from is None, "stage 1 trains from scratch"
     for before, after in zip(chain, chain[1:]):
         prev, cfg = TrainConfig.from_file(before), TrainConfig.from_file(after)
         assert cfg.objective == prev.objective == objective
@@ -44,11 +44,39 @@ def test_each_stage_starts_from_the_previous_stages_end(objective):
         assert cfg.seed != prev.seed, f"{after.name} repeats {before.name}'s seed (the same batches again)"
 
 
+def twins() -> list[tuple[Path, Path]]:
+    """(diffusion config, its autoregressive twin): the bundled recipe's and every *_diffusion.yaml's."""
+    pairs = [(TRAINING / "sudoku.yaml", TRAINING / "sudoku_autoregressive.yaml")]
+    for d in sorted(TRAINING.glob("sudoku*_diffusion.yaml")):
+        a = d.with_name(d.name.replace("_diffusion.yaml", "_autoregressive.yaml"))
+        if a.exists():
+            pairs.append((d, a))
+    return pairs
+
+
 def test_the_twins_train_the_same_way():
-    pairs = list(zip(stages("diffusion"), stages("autoregressive")))
-    assert len(pairs) == len(stages("diffusion")) == len(stages("autoregressive"))
+    pairs = twins()
+    assert len(pairs) >= len(stages("diffusion")) + 1
+    assert len(stages("diffusion")) == len(stages("autoregressive"))
     for d, a in pairs:
         dcfg, acfg = asdict(TrainConfig.from_file(d)), asdict(TrainConfig.from_file(a))
-        for key in ("out_dir", "init_from", "objective"):
+        assert (dcfg["objective"], acfg["objective"]) == ("diffusion", "autoregressive"), f"{d.name}, {a.name}"
+        for key in ("out_dir", "init_from", "objective", "micro_batches"):  # micro-batches only split a batch
             dcfg.pop(key), acfg.pop(key)
         assert dcfg == acfg, f"{d.name} and {a.name} differ beyond the objective"
+
+
+def test_the_bundled_recipe_trains_as_the_run_that_made_the_bundled_weights():
+    # the bundled weights are the batch-32 study's run (benchmarks/results/models/sudoku-batch32-step5000);
+    # the recipe differs only in the sampler settings chosen afterwards, with self-conditioning
+    # pinned to the temperatures that run drew (its generation section had the defaults)
+    from mlx_diffgemma.config import GenerationConfig
+
+    study, bundled = asdict(TrainConfig.from_file(TRAINING / "sudoku_batch32.yaml")), asdict(
+        TrainConfig.from_file(TRAINING / "sudoku.yaml"))
+    default = GenerationConfig()
+    assert bundled.pop("self_cond_temperatures") == [default.t_min, default.t_max]
+    assert study.pop("self_cond_temperatures") is None and "t_min" not in study["generation"]
+    for key in ("out_dir", "generation"):
+        study.pop(key), bundled.pop(key)
+    assert study == bundled

@@ -4,6 +4,14 @@
     python training/train_sudoku.py --baseline           # the autoregressive baseline -> runs/
     python training/train_sudoku.py --steps 2000         # another length (the schedule follows it)
     python training/train_sudoku.py --budget-s 300       # as many steps as fit in 300 s on this machine
+    python training/train_sudoku.py --config training/sudoku_stage2_diffusion.yaml   # another config (no export
+                                                         # unless --export: only the default replaces the package)
+
+The bundled weights were trained with the torch trainer on one CPU core (about 80 minutes):
+`OMP_NUM_THREADS=1 python training/train_sudoku.py --backend torch --device cpu --compile`. The MLX
+trainer takes the same steps (same init, batches, schedule and optimizer) with MLX's arithmetic; the
+rounding differences grow over 10,000 steps, so it trains another model of the same recipe, not
+these weights.
 
 Everything is seeded: the model init (`seed`), the grid pool and every batch (a function of
 (seed, step)), the corruption and the self-conditioning draws, so the same command with the same
@@ -16,7 +24,7 @@ LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3.
 
 `--backend torch --device gpu` takes the same steps with torch on an NVIDIA GPU
 (`mlx_diffgemma/torch_backend/train.py`: same init, batches, optimizer and checkpoints; MLX
-still builds and saves the model on the CPU).
+still builds and saves the model on the CPU); `--device cpu` on the CPU.
 """
 
 import argparse
@@ -88,8 +96,8 @@ def main() -> int:
                    help="take the steps with MLX (default) or with torch (NVIDIA GPUs)")
     p.add_argument("--bf16", action="store_true", help="with --backend torch: the passes under bf16 autocast")
     p.add_argument("--out-dir", default=None, help="checkpoints here instead of the config's out_dir")
-    p.add_argument("--export", default=None, help="copy the final model here (default: the package for the "
-                   "diffusion model, runs/sudoku-autoregressive-final for the baseline)")
+    p.add_argument("--export", default=None, help="copy the final model here (default, with the default config "
+                   "only: the package for the diffusion model, runs/sudoku-autoregressive-final for the baseline)")
     p.add_argument("--no-export", action="store_true", help="do not copy the result anywhere")
     args = p.parse_args()
     run = train
@@ -119,8 +127,11 @@ def main() -> int:
         tic = time.perf_counter()
         last = run(cfg, progress=sys.stderr.isatty(), stop_at=args.stop_at, deadline=args.deadline)
         print(f"trained in {time.perf_counter() - tic:.0f} s -> {last}", flush=True)
-        if not args.no_export:
-            dest = Path(args.export) if args.export else (BASELINE if args.baseline else BUNDLED)
+        # only the bundled recipe replaces the bundled model by default; other configs export on request
+        dest = Path(args.export) if args.export else None
+        if dest is None and args.config is None:
+            dest = BASELINE if args.baseline else BUNDLED
+        if dest is not None and not args.no_export:
             export(last, dest, cfg.generation)
             print(f"exported {last} -> {dest}")
     except TrainError as e:
