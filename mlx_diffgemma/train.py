@@ -9,7 +9,8 @@ batch) and the canvas through `model.denoise`, the same two calls inference make
 Self-conditioning is trained the two-pass way: with probability `self_cond_prob` a batch first runs
 a no-grad denoise of the same corrupted canvas, and its logits, divided by a temperature drawn
 from `self_cond_temperatures` (default: the generation section's [t_min, t_max], since inference
-feeds the temperature-scaled logits), become the second pass's `self_cond`. The loss is taken on the second pass only.
+feeds the temperature-scaled logits), become the second pass's `self_cond`. The loss is taken on
+the second pass only.
 
 `objective: autoregressive` trains the same network as a left-to-right model over the canvas (a
 causal mask over [prompt ; target]): the baseline that shows what bidirectional denoising buys.

@@ -7,10 +7,10 @@
     python training/train_sudoku.py --config training/sudoku_stage2_diffusion.yaml   # another config (no export
                                                          # unless --export: only the default replaces the package)
 
-The bundled weights were trained with the torch trainer on one CPU core (about 80 minutes):
+The bundled weights were trained with the torch trainer on one CPU core (41 minutes):
 `OMP_NUM_THREADS=1 python training/train_sudoku.py --backend torch --device cpu --compile`. The MLX
 trainer takes the same steps (same init, batches, schedule and optimizer) with MLX's arithmetic; the
-rounding differences grow over 10,000 steps, so it trains another model of the same recipe, not
+rounding differences grow over 5000 steps, so it trains another model of the same recipe, not
 these weights.
 
 Everything is seeded: the model init (`seed`), the grid pool and every batch (a function of
