@@ -23,6 +23,16 @@ def numpy_epilogue(raw, cap, T, u, k):
     return y.argmax(-1), lse - (p * y).sum(-1), lse, sample, order, np.take_along_axis(y, order, -1)
 
 
+def assert_matches_fallback(got, ref):
+    """A kernel's (argmax, entropy, lse, sample, top-k ids, top-k values) against the fallback's:
+    the integer outputs exact, the float ones within fp32 reassociation."""
+    got, ref = [np.array(a) for a in got], [np.array(a) for a in ref]
+    assert (got[0] == ref[0]).all() and (got[3] == ref[3]).all() and (got[4] == ref[4]).all()
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[5], ref[5], rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def inputs():
     rng = np.random.default_rng(0)
@@ -47,13 +57,7 @@ def test_fallback_matches_numpy(inputs):
 def test_kernel_bodies_on_cpu_match_the_fallback(inputs, chunk):
     raw, u = inputs
     got = shim.epilogue_cpu(raw, 30.0, 0.6, u, 16, chunk=chunk)
-    ref = [np.array(a) for a in epilogue.epilogue_reference(mx.array(raw), 30.0, 0.6, mx.array(u), 16)]
-    assert (got[0] == ref[0]).all()
-    np.testing.assert_allclose(got[1], ref[1], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-5)
-    assert (got[3] == ref[3]).all()
-    assert (got[4] == ref[4]).all()
-    np.testing.assert_allclose(got[5], ref[5], rtol=1e-5, atol=1e-5)
+    assert_matches_fallback(got, epilogue.epilogue_reference(mx.array(raw), 30.0, 0.6, mx.array(u), 16))
 
 
 @pytest.mark.skipif(not shim.compiler_available(), reason="needs g++")
@@ -187,12 +191,8 @@ def test_metal_wrapper_runs_through_the_metal_shim(monkeypatch, dtype, rows, chu
     u = mx.array(rng.random(rows).astype(np.float32))
     monkeypatch.setattr(mx.fast, "metal_kernel", metal_shim.metal_kernel)
     monkeypatch.setattr(epilogue, "_KERNELS", {})
-    got = [np.array(a) for a in epilogue.epilogue_kernel(raw, 30.0, 0.6, u, 16, target="metal", chunk=chunk)]
-    ref = [np.array(a) for a in epilogue.epilogue_reference(raw, 30.0, 0.6, u, 16)]
-    assert (got[0] == ref[0]).all() and (got[3] == ref[3]).all() and (got[4] == ref[4]).all()
-    np.testing.assert_allclose(got[1], ref[1], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(got[2], ref[2], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got[5], ref[5], rtol=1e-5, atol=1e-5)
+    got = epilogue.epilogue_kernel(raw, 30.0, 0.6, u, 16, target="metal", chunk=chunk)
+    assert_matches_fallback(got, epilogue.epilogue_reference(raw, 30.0, 0.6, u, 16))
 
 
 @pytest.mark.skipif(not metal_shim.compiler_available(), reason="needs g++")
@@ -207,6 +207,8 @@ def test_metal_shim_rejects_what_metal_would():
     good = "const uint i = thread_position_in_grid.x; y[i] = x[i] * K;"
     assert (run(good) == np.arange(16) * 2).all()
     assert (run(good, grid=(8, 1, 1))[8:] == 0).all()  # the grid is what runs, nothing more
+    shaped = "const uint i = thread_position_in_grid.x; y[i] = x[i] * x_ndim + x_shape[0] + x_strides[0];"
+    assert (run(shaped) == np.arange(16) + 16 + 1).all()  # MLX's extra parameters, in its order
     with pytest.raises(metal_shim.MetalShimError, match="thread_positon_in_grid"):  # an attribute MLX never declares
         run("const uint i = thread_positon_in_grid.x; y[i] = x[i];")
     with pytest.raises(metal_shim.MetalShimError, match="cooperative_groups"):  # the CUDA twin's macros

@@ -128,6 +128,20 @@ def kernel_name(name: str, template: list, inputs: list[mx.array], output_dtypes
     return out + "".join("_" + _type(d)[0] for d in output_dtypes)
 
 
+# the parameters MLX adds after an array input when the source names them: (suffix, Metal type, launcher cast)
+_SHAPE_PARAMS = (("_shape", "const constant int*", "(const int*)"), ("_strides", "const constant int64_t*",
+                 "(const int64_t*)"), ("_ndim", "const constant int&", "*(const int*)"))
+
+
+def _shape_params(name: str, a: mx.array, source: str) -> list[tuple[str, str, str]]:
+    return [p for p in _SHAPE_PARAMS if a.ndim > 0 and name + p[0] in source]
+
+
+def _instance(kname: str, template: list) -> str:
+    """The kernel's instantiated name, e.g. custom_kernel_x__8<8>."""
+    return kname + ("<" + ", ".join(_template_value(v) for _, v in template) + ">" if template else "")
+
+
 def metal_source(name: str, input_names: list[str], output_names: list[str], source: str, header: str,
                  inputs: list[mx.array], output_dtypes: list, template: list) -> tuple[str, str, list[str]]:
     """(kernel name, the source MLX would compile, the thread attributes it declares)."""
@@ -141,11 +155,7 @@ def metal_source(name: str, input_names: list[str], output_names: list[str], sou
     for n, a in zip(input_names, inputs):
         space = "constant" if a.size < MAX_CONSTANT_ARRAY_SIZE else "device"
         params.append(f"const {space} {_type(a.dtype)[0]}{'&' if a.ndim == 0 else '*'} {n}")
-        if a.ndim > 0:
-            for suffix, ctype in (("_shape", "const constant int*"), ("_strides", "const constant int64_t*"),
-                                  ("_ndim", "const constant int&")):
-                if n + suffix in source:
-                    params.append(f"{ctype} {n}{suffix}")
+        params += [f"{ctype} {n}{suffix}" for suffix, ctype, _ in _shape_params(n, a, source)]
     params += [f"device {_type(d)[0]}* {n}" for n, d in zip(output_names, output_dtypes)]
     params = [f"  {p} [[buffer({i})]]" for i, p in enumerate(params)]
     params += [f"  {_ATTRIBUTES[a][0]} {a} [[{a}]]" for a in attrs]
@@ -155,28 +165,22 @@ def metal_source(name: str, input_names: list[str], output_names: list[str], sou
         text += "template <" + ", ".join(f"{k} {n}" for k, (n, _) in zip(kinds, template)) + ">\n"
     text += f"[[kernel]] void {kname}(\n" + ",\n".join(params) + ") {\n" + source + "\n}\n"
     if template:
-        inst = kname + "<" + ", ".join(_template_value(v) for _, v in template) + ">"
+        inst = _instance(kname, template)
         text += f'\ntemplate [[host_name("{kname}")]] [[kernel]] decltype({inst}) {inst};\n'
     return kname, text, attrs
 
 
 def _launcher(kname: str, template: list, input_names: list[str], inputs: list[mx.array], source: str,
-              n_outputs: int, output_dtypes: list, attrs: list[str]) -> str:
-    """An extern "C" function that calls the kernel once per thread of the grid, x fastest."""
-    inst = kname + ("<" + ", ".join(_template_value(v) for _, v in template) + ">" if template else "")
-    args, slot = [], 0
+              output_dtypes: list, attrs: list[str]) -> str:
+    """An extern "C" function that calls the kernel once per thread of the grid, x fastest; `b`
+    holds the buffers in the kernel's parameter order."""
+    args = []
     for n, a in zip(input_names, inputs):
         ctype = _type(a.dtype)[0]
-        args.append(f"*(const {ctype}*)b[{slot}]" if a.ndim == 0 else f"(const {ctype}*)b[{slot}]")
-        slot += 1
-        if a.ndim > 0:
-            for suffix, ctype2 in (("_shape", "const int*"), ("_strides", "const int64_t*"), ("_ndim", "const int*")):
-                if n + suffix in source:
-                    args.append(f"{'*' if suffix == '_ndim' else ''}({ctype2})b[{slot}]")
-                    slot += 1
-    for d in output_dtypes[:n_outputs]:
-        args.append(f"({_type(d)[0]}*)b[{slot}]")
-        slot += 1
+        args.append(f"*(const {ctype}*)b[{len(args)}]" if a.ndim == 0 else f"(const {ctype}*)b[{len(args)}]")
+        args += [f"{cast}b[{len(args) + i}]" for i, (_, _, cast) in enumerate(_shape_params(n, a, source))]
+    args += [f"({_type(d)[0]}*)b[{len(args) + i}]" for i, d in enumerate(output_dtypes)]
+    inst = _instance(kname, template)
     args += [_ATTRIBUTES[a][1] for a in attrs]
     return (
         f'extern "C" void dg_launch(void** b, const uint* grid, const uint* group) {{\n'
@@ -230,18 +234,16 @@ def metal_kernel(name: str, input_names: list[str], output_names: list[str], sou
                                           template)
         if verbose:
             print(f"Generated source code for `{name}`:\n```\n{text}\n```")
-        lib = build(PRELUDE + text + _launcher(kname, template, input_names, inputs, source, len(output_names),
-                                               output_dtypes, attrs))
+        lib = build(PRELUDE + text + _launcher(kname, template, input_names, inputs, source, output_dtypes, attrs))
+        extra = {  # row-contiguous strides, in elements
+            "_shape": lambda a: np.array(a.shape, dtype=np.int32),
+            "_strides": lambda a: np.array([int(np.prod(a.shape[i + 1:])) for i in range(a.ndim)], dtype=np.int64),
+            "_ndim": lambda a: np.array([a.ndim], dtype=np.int32),
+        }
         buffers = []
         for n, a in zip(input_names, inputs):
             buffers.append(_host(a))
-            if a.ndim > 0:
-                if n + "_shape" in source:
-                    buffers.append(np.array(a.shape, dtype=np.int32))
-                if n + "_strides" in source:  # row-contiguous strides, in elements
-                    buffers.append(np.array([int(np.prod(a.shape[i + 1:])) for i in range(a.ndim)], dtype=np.int64))
-                if n + "_ndim" in source:
-                    buffers.append(np.array([a.ndim], dtype=np.int32))
+            buffers += [extra[suffix](a) for suffix, _, _ in _shape_params(n, a, source)]
         outs = []
         for shape, dtype in zip(output_shapes, output_dtypes):
             outs.append(np.zeros(tuple(shape), dtype=_type(dtype)[1]) if init_value is None
