@@ -188,6 +188,10 @@ def run(model, items, seed: int, modes: list[str], fuse: bool = True, budget_s: 
             "exact_minus_reference": exact_diff["mean"],
             "exact_minus_reference_stderr": exact_diff["stderr"],
             "mean_steps": round(float(m["steps"].mean()), 2),
+            # where the steps go: items the reference answered exactly, and the ones it missed
+            "mean_steps_where_reference_exact": _mean_or_none(m["steps"][ref["exact"] == 1]),
+            "mean_steps_where_reference_missed": _mean_or_none(m["steps"][ref["exact"] == 0]),
+            "max_steps_where_reference_exact": _max_or_none(m["steps"][ref["exact"] == 1]),
             "row_passes_per_token": round(float(m["rows"].sum() / committed.sum()), 3),
             "ms_per_token": round(1e3 * float(m["wall"].sum() / committed.sum()), 4),
             "row_pass_reduction": round(float(ref["rows"].sum() / m["rows"].sum()), 2),
@@ -204,6 +208,14 @@ def run(model, items, seed: int, modes: list[str], fuse: bool = True, budget_s: 
             "by_group": by_group,
         })
     return table
+
+
+def _mean_or_none(a: np.ndarray) -> float | None:
+    return round(float(a.mean()), 2) if len(a) else None
+
+
+def _max_or_none(a: np.ndarray) -> int | None:
+    return int(a.max()) if len(a) else None
 
 
 def _ratio_interval(base: np.ndarray, mode: np.ndarray, draws: int = 2000) -> list[float]:
@@ -256,6 +268,14 @@ def write(table, args, items) -> Path:
             f"{r['wall_time_reduction']}x | {r['wall_time_reduction_95ci'][0]}-{r['wall_time_reduction_95ci'][1]}x |"
             + (f" {r['denoise_wall_time_reduction']}x |" if args.separate_prompt else "")
         )
+    ref_exact = round(table[0]["exact"] * table[0]["puzzles"])
+    lines += ["", f"Steps per item, split by the reference's answer: the {ref_exact} items it answered exactly "
+              f"and the {table[0]['puzzles'] - ref_exact} it missed", "",
+              "| mode | mean steps, reference exact | most steps, reference exact | mean steps, reference missed |",
+              "|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['mode']} | {r['mean_steps_where_reference_exact']} | {r['max_steps_where_reference_exact']} | "
+                     f"{r['mean_steps_where_reference_missed']} |")
     groups = list(table[0]["by_group"])
     lines += ["", f"By {grp}: {ex} rate, row-passes ÷ and wall time ÷ against the reference", "",
               "| mode | " + " | ".join(f"{g} ({table[0]['by_group'][g]['items']})" for g in groups) + " |",

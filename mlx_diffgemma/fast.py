@@ -33,7 +33,10 @@ position every step; these modes stop paying for positions that are already deci
 test) is the `settled` mode's one change to `compact`. Knobs no named mode turns on (measured in
 docs/fast_path.md; none reaches the gate): `rescore_frozen` (frozen rows the trunk ran also get the
 head, so their entropy is current; their tokens stay frozen), `bucket_multiple` (finer active-set
-buckets) and `drop_tail`. `get_mode("compact+refresh_every=8")` sets knobs from a string.
+buckets), `drop_tail`, `freeze_unaccepted` (a position under `freeze_entropy` freezes to its argmax
+even when the entropy budget did not accept its sample) and `max_steps` (a canvas commits its argmax
+after this many passes; the temperature schedule stays the reference's, over
+`max_denoising_steps`). `get_mode("compact+refresh_every=8")` sets knobs from a string.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ class FastMode:
     drop_tail: int | None = None  # with eos_tail_cut: rows this far past the settled EOS leave the canvas
     block_rows: int | None = None  # canvases of this many rows instead of the model's canvas_length
     scale_stop: bool = False  # a shorter canvas keeps a whole canvas' entropy budget in the stop test
+    freeze_unaccepted: bool = False  # freeze every position under freeze_entropy, accepted or not
+    max_steps: int | None = None  # a canvas commits its argmax after this many passes (schedule unchanged)
 
     def block_length(self, C: int) -> int:
         """Rows per canvas before any adaptive shrinking: C, or `block_rows` when that is shorter."""
@@ -274,7 +279,9 @@ def denoise_canvas_fast(
         settled = np.where(frozen, np.float32(0), entropy)
         result = state.step(argmax.copy(), sample, settled if mode.settle_frozen else entropy, stop_entropy=settled)
         if mode.freeze_entropy is not None:
-            newly = result.accepted[0] & (entropy[0] < mode.freeze_entropy) & ~frozen
+            newly = (entropy[0] < mode.freeze_entropy) & ~frozen
+            if not mode.freeze_unaccepted:
+                newly &= result.accepted[0]
             frozen |= newly
             if mode.target_steps:
                 _freeze_on_schedule(frozen, entropy[0], mode.target_steps - state.steps)
@@ -288,7 +295,7 @@ def denoise_canvas_fast(
 
         if on_step is not None:
             on_step(state.steps - 1, replace(result, canvas=state.canvas.copy()))
-        done = result.done or frozen.all()
+        done = result.done or frozen.all() or (mode.max_steps is not None and state.steps >= mode.max_steps)
         if mode.prefix_exit and not done:
             done = _prefix_settled(argmax[0], previous, entropy[0], eos, gen)
         previous = argmax[0].copy()

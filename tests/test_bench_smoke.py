@@ -256,6 +256,12 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     # but a Sudoku prompt (82 tokens) is longer than the 81-row canvas: it keeps a pass of its own
     assert ref["prompt_fused_items"] == 0 and "in a pass of its own" in files[0].with_suffix(".md").read_text()
     assert "| compact |" in files[0].with_suffix(".md").read_text()
+    n_exact = round(ref["exact"] * 2)  # the steps split by the reference's answer add up to the mean
+    for r in (ref, compact):
+        split = [(n_exact, r["mean_steps_where_reference_exact"]), (2 - n_exact, r["mean_steps_where_reference_missed"])]
+        assert all((k == 0) == (v is None) for k, v in split)
+        assert sum(k * v for k, v in split if k) / 2 == pytest.approx(r["mean_steps"], abs=0.01)
+        assert (r["max_steps_where_reference_exact"] is None) == (n_exact == 0)
 
     files[0].unlink()
     fast_path.main(["--puzzles", "2", "--givens", "45", "50", "--modes", "compact", "--separate-prompt"])

@@ -209,6 +209,31 @@ def test_rescore_frozen_refreshes_entropy_not_tokens(sharp, monkeypatch, rescore
     assert (changed > 0) == rescore  # only rescoring gives frozen rows a new entropy
 
 
+@pytest.mark.parametrize("unaccepted", [False, True])
+def test_freeze_unaccepted_freezes_every_confident_position(sharp, monkeypatch, unaccepted):
+    mode = replace(MODES["freeze"], name="f", freeze_unaccepted=unaccepted)
+    seen = sampler_calls(monkeypatch, *sharp, mode)
+    skipped = 0  # confident positions that stayed unfrozen (the entropy budget did not accept them)
+    for (b0, _, e0, s0), (b1, _, _, s1) in zip(seen, seen[1:]):
+        if b0 != b1:
+            continue  # a new canvas
+        confident = (e0 < mode.freeze_entropy) & (s0 != 0)  # not frozen yet
+        skipped += int((confident & (s1 != 0)).sum())
+    assert (skipped == 0) == unaccepted and any((s == 0).any() for *_, s in seen)
+
+
+def test_max_steps_commits_on_the_reference_schedule(sharp, monkeypatch):
+    free = list(sampler_calls(monkeypatch, *sharp, MODES["freeze"]))  # a copy: the next spy stacks on this one
+    capped = sampler_calls(monkeypatch, *sharp, replace(MODES["freeze"], name="f", max_steps=3))
+    per_block = lambda seen: np.bincount([b for b, *_ in seen])  # noqa: E731
+    assert per_block(capped).max() == 3 and per_block(free)[0] > 3
+    # the first canvas' first three steps are the uncapped run's: the temperature schedule is kept
+    for (b, a, e, _), (fb, fa, fe, _) in zip(capped[:3], free[:3]):
+        assert b == fb == 0
+        np.testing.assert_array_equal(a, fa)
+        np.testing.assert_array_equal(e, fe)
+
+
 class Oracle:
     """A stand-in model whose logits point at a fixed target canvas: row i's hidden state is i.
     Rows holding EOS are sure from the first step; the answer rows only from `sure_from` calls on.
