@@ -73,6 +73,12 @@ class FastMode:
     freeze_unaccepted: bool = False  # freeze every position under freeze_entropy, accepted or not
     max_steps: int | None = None  # a canvas commits its argmax after this many passes (schedule unchanged)
 
+    def __post_init__(self):
+        for knob in ("max_steps", "refresh_every", "target_steps", "block_rows", "bucket_multiple"):
+            value = getattr(self, knob)
+            if value is not None and value < 1:
+                raise ValueError(f"mode {self.name!r}: {knob} must be at least 1 (or none), got {value}")
+
     def block_length(self, C: int) -> int:
         """Rows per canvas before any adaptive shrinking: C, or `block_rows` when that is shorter."""
         return min(C, self.block_rows) if self.block_rows else C

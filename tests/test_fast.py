@@ -314,7 +314,9 @@ def test_mode_knobs_from_a_string():
     assert get_mode("freeze+drop_tail=2").drop_tail == 2
     for bad, culprit in [("compact+warp=1", "'warp=1' is not knob=value"), ("compact+refresh_every", "not knob=value"),
                          ("compact+compact=yes", "compact='yes' is not a valid bool"),
-                         ("compact+refresh_every=x", "refresh_every='x'"), ("warp+compact=1", "unknown mode 'warp'")]:
+                         ("compact+refresh_every=x", "refresh_every='x'"), ("warp+compact=1", "unknown mode 'warp'"),
+                         ("settled+max_steps=0", "max_steps must be at least 1"),
+                         ("compact+refresh_every=0", "refresh_every must be at least 1")]:
         with pytest.raises(ValueError, match=culprit):
             get_mode(bad)
 
