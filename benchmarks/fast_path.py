@@ -179,6 +179,7 @@ def run(model, items, seed: int, modes: list[str], fuse: bool = True, budget_s: 
             "mode": mode,
             "puzzles": n,
             "exact": round(float(rate), 4),
+            "exact_count": int(m["exact"].sum()),
             "exact_stderr": round(math.sqrt(rate * (1 - rate) / n), 4),
             "disagree_with_reference": int((m["exact"] != ref["exact"]).sum()),
             "accuracy": accuracy["mean"],
@@ -268,7 +269,7 @@ def write(table, args, items) -> Path:
             f"{r['wall_time_reduction']}x | {r['wall_time_reduction_95ci'][0]}-{r['wall_time_reduction_95ci'][1]}x |"
             + (f" {r['denoise_wall_time_reduction']}x |" if args.separate_prompt else "")
         )
-    ref_exact = round(table[0]["exact"] * table[0]["puzzles"])
+    ref_exact = table[0]["exact_count"]
     lines += ["", f"Steps per item, split by the reference's answer: the {ref_exact} items it answered exactly "
               f"and the {table[0]['puzzles'] - ref_exact} it missed", "",
               "| mode | mean steps, reference exact | most steps, reference exact | mean steps, reference missed |",

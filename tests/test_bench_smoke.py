@@ -256,7 +256,8 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     # but a Sudoku prompt (82 tokens) is longer than the 81-row canvas: it keeps a pass of its own
     assert ref["prompt_fused_items"] == 0 and "in a pass of its own" in files[0].with_suffix(".md").read_text()
     assert "| compact |" in files[0].with_suffix(".md").read_text()
-    n_exact = round(ref["exact"] * 2)  # the steps split by the reference's answer add up to the mean
+    n_exact = ref["exact_count"]  # the steps split by the reference's answer add up to the mean
+    assert n_exact == round(ref["exact"] * 2) and f"the {n_exact} items it answered exactly" in files[0].with_suffix(".md").read_text()
     for r in (ref, compact):
         split = [(n_exact, r["mean_steps_where_reference_exact"]), (2 - n_exact, r["mean_steps_where_reference_missed"])]
         assert all((k == 0) == (v is None) for k, v in split)
