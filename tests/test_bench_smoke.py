@@ -254,10 +254,11 @@ def test_fast_path_gate_pairs_every_mode_with_the_reference(tmp_path, monkeypatc
     assert lo <= compact["wall_time_reduction"] <= hi and ref["wall_time_reduction_95ci"] == [1.0, 1.0]
     assert ref["denoise_wall_time_reduction"] is None and compact["prompt_ms_per_item"] is None  # fused
     # but a Sudoku prompt (82 tokens) is longer than the 81-row canvas: it keeps a pass of its own
-    assert ref["prompt_fused_items"] == 0 and "in a pass of its own" in files[0].with_suffix(".md").read_text()
-    assert "| compact |" in files[0].with_suffix(".md").read_text()
+    md = files[0].with_suffix(".md").read_text()
+    assert ref["prompt_fused_items"] == 0 and "in a pass of its own" in md
+    assert "| compact |" in md
     n_exact = ref["exact_count"]  # the steps split by the reference's answer add up to the mean
-    assert n_exact == round(ref["exact"] * 2) and f"the {n_exact} items it answered exactly" in files[0].with_suffix(".md").read_text()
+    assert n_exact == round(ref["exact"] * 2) and f"the {n_exact} items it answered exactly" in md
     for r in (ref, compact):
         split = [(n_exact, r["mean_steps_where_reference_exact"]), (2 - n_exact, r["mean_steps_where_reference_missed"])]
         assert all((k == 0) == (v is None) for k, v in split)
