@@ -115,7 +115,8 @@ torch)
         export PYTHONPATH="$PWD"
         DEV=cpu
         for f in "${DIFF_CONFIG:=training/sudoku_gpu.yaml}" "${AR_CONFIG:=training/sudoku_gpu_autoregressive.yaml}"; do
-            sed 's/^batch_size: .*/batch_size: 32/' "$f" > "/tmp/dry_$(basename "$f")"
+            # the config itself as the base (its own `base:` resolves from where it lives); --out-dir wins
+            printf 'base: %s\nout_dir: /tmp/dry-run\nbatch_size: 32\n' "$PWD/$f" > "/tmp/dry_$(basename "$f")"
         done
         DIFF_CONFIG="/tmp/dry_$(basename "$DIFF_CONFIG")" AR_CONFIG="/tmp/dry_$(basename "$AR_CONFIG")"
     fi

@@ -44,6 +44,10 @@ The config file (YAML or JSON):
     save_every: 500
     log_every: 20
     data: {...}                   # task options (sudoku: givens curriculum, unique puzzles; sort: list lengths)
+
+`base: other.yaml` (relative to the file) starts from another config and changes what the file
+lists: mappings merge key by key, anything else is replaced, and the file must name its own
+`out_dir`. A one-change experiment or an autoregressive twin is then only its change.
 """
 
 from __future__ import annotations
@@ -104,22 +108,10 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path) -> "TrainConfig":
+        """A YAML or JSON config. `base: other.yaml` (relative to this file) starts from another
+        config's settings: this file's go on top, mappings merged key by key, anything else replaced."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise TrainError(f"{path}: cannot read the config ({e.strerror})") from None
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                raw = yaml.safe_load(text)
-            else:
-                raw = json.loads(text)
-        except Exception as e:
-            raise TrainError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'} ({e})") from None
-        if not isinstance(raw, dict):
-            raise TrainError(f"{path}: the config must be a mapping of settings")
+        raw = _read_settings(path)
         cfg = cls.from_dict(raw, str(path))
         # a relative out_dir / init_from is relative to the config file
         base = path.parent
@@ -170,6 +162,48 @@ class TrainConfig:
             keys = self.lora.get("keys", LORA_KEYS)
             if not set(keys) <= set(LORA_KEYS):
                 bad(f"lora.keys may only name {', '.join(LORA_KEYS)}")
+
+
+def _read_settings(path: Path, children: tuple = ()) -> dict:
+    """One config file's settings, its `base:` chain merged under them."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise TrainError(f"{path}: cannot read the config ({e.strerror})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as e:
+        raise TrainError(f"{path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'} ({e})") from None
+    if not isinstance(raw, dict):
+        raise TrainError(f"{path}: the config must be a mapping of settings")
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str):
+        raise TrainError(f"{path}: base must be the path of another config, got {base!r}")
+    if "out_dir" not in raw:
+        # inheriting it would resume (and overwrite) the base's run
+        raise TrainError(f"{path}: a config with `base:` needs its own out_dir, so its run does not resume the base's")
+    base_path = path.parent / base
+    if base_path.resolve() in children + (path.resolve(),):
+        raise TrainError(f"{path}: base {base!r} leads back to this config (a cycle)")
+    inherited = _read_settings(base_path, children + (path.resolve(),))
+    init = inherited.get("init_from")
+    if isinstance(init, str) and not Path(init).is_absolute() and (base_path.parent / init).exists():
+        inherited["init_from"] = str((base_path.parent / init).resolve())  # relative to the file naming it
+    return _merged(inherited, raw)
+
+
+def _merged(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # -- data --------------------------------------------------------------------------------------

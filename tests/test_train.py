@@ -1,6 +1,7 @@
 """Training: the loss goes down, checkpoints load and resume, LoRA trains only its adapters."""
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -212,6 +213,31 @@ def test_bad_configs_name_the_culprit(tmp_path, capsys):
     assert main(["--config", str(bad)]) == 2
     assert "text_config" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_config_with_a_base_inherits_and_overrides(tmp_path):
+    (tmp_path / "sub").mkdir()
+    ckpt = tmp_path / "sub" / "ckpt"
+    ckpt.mkdir()
+    (tmp_path / "sub" / "root.yaml").write_text(
+        "out_dir: root\ninit_from: ckpt\nsteps: 7\nbatch_size: 4\n"
+        "data: {givens_start: 50, givens_end: 26}\ngeneration: {t_max: 1.2, t_min: 0.8}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: sub/root.yaml\nout_dir: mine\nsteps: 9\ndata: {givens_end: 30}\n")
+    cfg = TrainConfig.from_file(child)
+    assert (cfg.steps, cfg.batch_size) == (9, 4)
+    assert cfg.data == {"givens_start": 50, "givens_end": 30}  # mappings merge key by key
+    assert cfg.generation == {"t_max": 1.2, "t_min": 0.8}
+    assert Path(cfg.out_dir) == tmp_path / "mine"  # the child's paths are the child's
+    assert Path(cfg.init_from) == ckpt.resolve()  # the base's are relative to the base
+
+    for text, culprit in [("base: sub/root.yaml\nsteps: 3\n", "needs its own out_dir"),
+                          ("base: [sub/root.yaml]\nout_dir: x\n", "base must be the path"),
+                          ("base: nowhere.yaml\nout_dir: x\n", "nowhere.yaml: cannot read"),
+                          ("base: child.yaml\nout_dir: x\n", "a cycle")]:
+        child.write_text(text)
+        with pytest.raises(TrainError, match=culprit):
+            TrainConfig.from_file(child)
 
 
 def test_export_applies_the_generation_section(tmp_path):
