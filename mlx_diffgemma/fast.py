@@ -36,7 +36,8 @@ head, so their entropy is current; their tokens stay frozen), `bucket_multiple` 
 buckets), `drop_tail`, `freeze_unaccepted` (a position under `freeze_entropy` freezes to its argmax
 even when the entropy budget did not accept its sample) and `max_steps` (a canvas commits its argmax
 after this many passes; the temperature schedule stays the reference's, over
-`max_denoising_steps`). `get_mode("compact+refresh_every=8")` sets knobs from a string.
+`max_denoising_steps`) and `thaw` (a step that runs every row also scores the frozen rows, and one
+whose argmax changed or whose entropy is back over `freeze_entropy` is unfrozen). `get_mode("compact+refresh_every=8")` sets knobs from a string.
 """
 
 from __future__ import annotations
@@ -72,12 +73,15 @@ class FastMode:
     scale_stop: bool = False  # a shorter canvas keeps a whole canvas' entropy budget in the stop test
     freeze_unaccepted: bool = False  # freeze every position under freeze_entropy, accepted or not
     max_steps: int | None = None  # a canvas commits its argmax after this many passes (schedule unchanged)
+    thaw: bool = False  # steps that run every row rescore frozen rows; one no longer sure of its token thaws
 
     def __post_init__(self):
         for knob in ("max_steps", "refresh_every", "target_steps", "block_rows", "bucket_multiple"):
             value = getattr(self, knob)
             if value is not None and value < 1:
                 raise ValueError(f"mode {self.name!r}: {knob} must be at least 1 (or none), got {value}")
+        if self.thaw and self.freeze_entropy is None:
+            raise ValueError(f"mode {self.name!r}: thaw needs freeze_entropy (nothing is frozen without it)")
 
     def block_length(self, C: int) -> int:
         """Rows per canvas before any adaptive shrinking: C, or `block_rows` when that is shorter."""
@@ -249,7 +253,8 @@ def denoise_canvas_fast(
 
         # the head and the sampler only for rows that are still active (with rescore_frozen, also for
         # frozen rows the trunk just ran: their entropy and self-conditioning stay current)
-        scored = rows if mode.rescore_frozen else active
+        full_pass = len(rows) == end
+        scored = rows if mode.rescore_frozen or (mode.thaw and full_pass) else active
         pos_in_rows = np.searchsorted(rows, scored)
         h_scored = h[:, mx.array(pos_in_rows)]
         T = state.temperature()
@@ -274,6 +279,12 @@ def denoise_canvas_fast(
         to_eval = [am, ent, smp, soft] + ([a for pair in kv for a in pair] if kv is not None else [])
         mx.eval(*to_eval)
 
+        if mode.thaw and full_pass:
+            # a frozen position whose fresh argmax differs, or whose entropy is back over the freeze
+            # threshold, was frozen too early (the rows around it have changed since): it denoises again
+            am_np, ent_np = np.array(am)[0], np.array(ent)[0]
+            doubt = frozen[scored] & ((am_np != argmax[0, scored]) | (ent_np >= mode.freeze_entropy))
+            frozen[scored[doubt]] = False
         live = ~frozen[scored]  # a frozen row keeps its token; only its entropy is refreshed
         argmax[:, scored[live]] = np.array(am)[:, live]
         entropy[:, scored] = np.array(ent)

@@ -307,6 +307,41 @@ def test_eos_tail_cut_keeps_the_tail_in_the_attention():
     assert all(rows == 16 for rows, _ in passes)
 
 
+class Fickle(Oracle):
+    """An Oracle that changes its mind: rows 0-1 are sure from the start and point at TARGET until
+    the third head call, then (still sure) at other tokens; rows 2-4 become sure from the fourth."""
+
+    def __init__(self):
+        super().__init__(TARGET)
+        self.later = np.array([9, 10] + TARGET[2:])
+
+    def logits(self, h):
+        rows = h[..., 0].astype(mx.int32)
+        target = self.target if self.heads < 2 else self.later
+        onehot = mx.array(np.eye(self.config.vocab_size, dtype=np.float32)[target])[rows]
+        sure = mx.logical_or(mx.array(np.arange(len(target)) < 2)[rows], self.heads >= 3)
+        sure = mx.logical_or(sure, self.eos_rows[rows])[..., None]
+        self.heads += 1
+        return mx.where(sure, 40.0, 1.0) * onehot
+
+
+@pytest.mark.parametrize("thaw", [False, True])
+def test_thaw_unfreezes_a_position_whose_argmax_changed(thaw):
+    from types import SimpleNamespace
+
+    from mlx_diffgemma.config import GenerationConfig
+    from mlx_diffgemma.fast import denoise_canvas_fast
+    from mlx_diffgemma.sampler import NoiseSource
+
+    model = Fickle()
+    mode = replace(MODES["freeze"], name="f", thaw=thaw)  # the trunk runs every row: every step may thaw
+    gen = GenerationConfig(max_denoising_steps=8, eos_token_id=[1])
+    out = denoise_canvas_fast(model, SimpleNamespace(offset=7), gen, NoiseSource(0, 16), 0, mode)
+    # rows 0-1 froze to TARGET's tokens on the first step; only a thawing mode takes the later ones
+    np.testing.assert_array_equal(out.argmax[0, :2], [9, 10] if thaw else TARGET[:2])
+    np.testing.assert_array_equal(out.argmax[0, 2:], TARGET[2:])
+
+
 def test_mode_knobs_from_a_string():
     m = get_mode("compact+refresh_every=8+settle_frozen=1+drop_tail=none+freeze_entropy=0.1")
     assert m == replace(MODES["compact"], name=m.name, refresh_every=8, settle_frozen=True, freeze_entropy=0.1)
@@ -316,7 +351,8 @@ def test_mode_knobs_from_a_string():
                          ("compact+compact=yes", "compact='yes' is not a valid bool"),
                          ("compact+refresh_every=x", "refresh_every='x'"), ("warp+compact=1", "unknown mode 'warp'"),
                          ("settled+max_steps=0", "max_steps must be at least 1"),
-                         ("compact+refresh_every=0", "refresh_every must be at least 1")]:
+                         ("compact+refresh_every=0", "refresh_every must be at least 1"),
+                         ("reference+thaw=1", "thaw needs freeze_entropy")]:
         with pytest.raises(ValueError, match=culprit):
             get_mode(bad)
 
