@@ -37,7 +37,8 @@ buckets), `drop_tail`, `freeze_unaccepted` (a position under `freeze_entropy` fr
 even when the entropy budget did not accept its sample) and `max_steps` (a canvas commits its argmax
 after this many passes; the temperature schedule stays the reference's, over
 `max_denoising_steps`) and `thaw` (a step that runs every row also scores the frozen rows, and one
-whose argmax changed or whose entropy is back over `freeze_entropy` is unfrozen). `get_mode("compact+refresh_every=8")` sets knobs from a string.
+whose argmax changed or whose entropy is back over `freeze_entropy` is unfrozen).
+`get_mode("compact+refresh_every=8")` sets knobs from a string.
 """
 
 from __future__ import annotations
