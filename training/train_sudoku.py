@@ -19,8 +19,10 @@ Everything is seeded: the model init (`seed`), the grid pool and every batch (a 
 builds may differ in the last bits). `--budget-s` times a short probe run first and sets `steps`
 from it; the chosen number is printed and saved in the checkpoint's trainer state, so
 `--steps N` repeats the run anywhere (`--steps-file F` also writes the number to F, for a
-baseline that must train as long). On a Linux CPU, preload OpenBLAS for speed:
-LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3.
+baseline that must train as long). On a Linux CPU the MLX trainer wants OpenBLAS preloaded for
+speed (LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3); the torch trainer does
+not need it, and the bundled weights were trained without it: preloaded, torch's arithmetic
+changes and the run takes another path (benchmarks/results/sudoku_reproduce-bundled.md).
 
 `--backend torch --device gpu` takes the same steps with torch on an NVIDIA GPU
 (`mlx_diffgemma/torch_backend/train.py`: same init, batches, optimizer and checkpoints; MLX
