@@ -116,7 +116,7 @@ torch)
         DEV=cpu
         for f in "${DIFF_CONFIG:=training/sudoku_gpu.yaml}" "${AR_CONFIG:=training/sudoku_gpu_autoregressive.yaml}"; do
             # the config itself as the base (its own `base:` resolves from where it lives); --out-dir wins
-            printf 'base: %s\nout_dir: /tmp/dry-run\nbatch_size: 32\n' "$PWD/$f" > "/tmp/dry_$(basename "$f")"
+            printf 'base: %s\nout_dir: /tmp/dry-run\nbatch_size: 32\n' "$(realpath "$f")" > "/tmp/dry_$(basename "$f")"
         done
         DIFF_CONFIG="/tmp/dry_$(basename "$DIFF_CONFIG")" AR_CONFIG="/tmp/dry_$(basename "$AR_CONFIG")"
     fi

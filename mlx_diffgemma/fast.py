@@ -280,15 +280,15 @@ def denoise_canvas_fast(
         to_eval = [am, ent, smp, soft] + ([a for pair in kv for a in pair] if kv is not None else [])
         mx.eval(*to_eval)
 
+        am, ent = np.array(am), np.array(ent)
         if mode.thaw and full_pass:
             # a frozen position whose fresh argmax differs, or whose entropy is back over the freeze
             # threshold, was frozen too early (the rows around it have changed since): it denoises again
-            am_np, ent_np = np.array(am)[0], np.array(ent)[0]
-            doubt = frozen[scored] & ((am_np != argmax[0, scored]) | (ent_np >= mode.freeze_entropy))
+            doubt = frozen[scored] & ((am[0] != argmax[0, scored]) | (ent[0] >= mode.freeze_entropy))
             frozen[scored[doubt]] = False
         live = ~frozen[scored]  # a frozen row keeps its token; only its entropy is refreshed
-        argmax[:, scored[live]] = np.array(am)[:, live]
-        entropy[:, scored] = np.array(ent)
+        argmax[:, scored[live]] = am[:, live]
+        entropy[:, scored] = ent
         sample[:, scored[live]] = np.array(smp)[:, live]
         sample[:, frozen] = argmax[:, frozen]
         # a frozen position can no longer change: in the stop test it counts as settled, where its
