@@ -80,3 +80,23 @@ def test_the_bundled_recipe_trains_as_the_run_that_made_the_bundled_weights():
     for key in ("out_dir", "generation"):
         study.pop(key), bundled.pop(key)
     assert study == bundled
+
+
+def test_a_later_schedule_trains_what_it_starts_from_first(tmp_path):
+    import importlib.util
+
+    from mlx_diffgemma.train import TrainError
+
+    spec = importlib.util.spec_from_file_location("train_sudoku", TRAINING / "train_sudoku.py")
+    train_sudoku = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_sudoku)
+    (tmp_path / "a.yaml").write_text("base: " + str(TRAINING / "sudoku.yaml") + "\nout_dir: runs/a\nsteps: 30\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nout_dir: runs/b\nmodel: null\ninit_from: runs/a/checkpoints/step-0000030\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\nout_dir: runs/c\ninit_from: runs/b/checkpoints/step-0000030\n")
+    assert [p.name for p in train_sudoku.prerequisites(tmp_path / "c.yaml")] == ["a.yaml", "b.yaml"]
+    assert train_sudoku.prerequisites(tmp_path / "a.yaml") == []
+    (tmp_path / "runs/b/checkpoints/step-0000030").mkdir(parents=True)  # b already trained: only c is left
+    assert train_sudoku.prerequisites(tmp_path / "c.yaml") == []
+    (tmp_path / "d.yaml").write_text("base: b.yaml\nout_dir: runs/d\ninit_from: runs/x/checkpoints/step-0000030\n")
+    with pytest.raises(TrainError, match="no config .* ends there"):
+        train_sudoku.prerequisites(tmp_path / "d.yaml")

@@ -75,6 +75,32 @@ def steps_for_budget(cfg: TrainConfig, budget_s: float, started: float, safety: 
     return steps
 
 
+def checkpoint_end(cfg: TrainConfig) -> Path:
+    """Where a config's run leaves its last checkpoint."""
+    return (Path(cfg.out_dir) / "checkpoints" / f"step-{cfg.steps:07d}").resolve()
+
+
+def prerequisites(config: Path) -> list[Path]:
+    """The configs to run, in order, before `config` can start: for an `init_from` checkpoint that
+    does not exist yet, the config beside it whose run ends there (and that one's, first)."""
+    folder, chain = config.parent, []
+    while True:
+        cfg = TrainConfig.from_file(config)
+        if not cfg.init_from:
+            return chain
+        start = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else config.parent / cfg.init_from
+        if start.exists():
+            return chain
+        makers = [c for c in sorted(folder.glob("*.yaml")) if checkpoint_end(TrainConfig.from_file(c)) == start.resolve()]
+        if not makers:
+            raise TrainError(f"{config}: init_from {cfg.init_from} does not exist and no config in {folder} ends "
+                             "there; train the run that makes it first")
+        if makers[0] in chain:
+            raise TrainError(f"{config}: its init_from chain leads back to {makers[0].name}")
+        chain.insert(0, makers[0])
+        config = makers[0]
+
+
 def main() -> int:
     started = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -112,6 +138,15 @@ def main() -> int:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
     config = Path(args.config) if args.config else HERE / ("sudoku_autoregressive.yaml" if args.baseline else "sudoku.yaml")
     try:
+        for before in prerequisites(config):  # a later schedule whose starting checkpoint is not trained yet
+            pre = TrainConfig.from_file(before)
+            if args.compile is not None:
+                pre.compile = args.compile
+            pre.validate(str(before))
+            print(f"{config.name} starts where {before.name} ends: training that first", flush=True)
+            tic = time.perf_counter()
+            last = run(pre, progress=sys.stderr.isatty())
+            print(f"trained in {time.perf_counter() - tic:.0f} s -> {last}", flush=True)
         cfg = TrainConfig.from_file(config)
         if args.out_dir:
             cfg.out_dir = args.out_dir
