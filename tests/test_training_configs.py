@@ -82,7 +82,7 @@ def test_the_bundled_recipe_trains_as_the_run_that_made_the_bundled_weights():
     assert study == bundled
 
 
-def test_a_later_schedule_trains_what_it_starts_from_first(tmp_path):
+def test_a_later_schedule_trains_what_it_starts_from_first(tmp_path, monkeypatch):
     import importlib.util
 
     from mlx_diffgemma.train import TrainError
@@ -97,6 +97,8 @@ def test_a_later_schedule_trains_what_it_starts_from_first(tmp_path):
     assert train_sudoku.prerequisites(tmp_path / "a.yaml") == []
     (tmp_path / "runs/b/checkpoints/step-0000030").mkdir(parents=True)  # b already trained: only c is left
     assert train_sudoku.prerequisites(tmp_path / "c.yaml") == []
+    monkeypatch.chdir(tmp_path.parent)  # a config named relative to the working directory
+    assert train_sudoku.prerequisites(Path(tmp_path.name) / "c.yaml") == []
     (tmp_path / "d.yaml").write_text("base: b.yaml\nout_dir: runs/d\ninit_from: runs/x/checkpoints/step-0000030\n")
     with pytest.raises(TrainError, match="no config .* ends there"):
         train_sudoku.prerequisites(tmp_path / "d.yaml")

@@ -6,6 +6,8 @@
     python training/train_sudoku.py --budget-s 300       # as many steps as fit in 300 s on this machine
     python training/train_sudoku.py --config training/sudoku_stage2_diffusion.yaml   # another config (no export
                                                          # unless --export: only the default replaces the package)
+    python training/train_sudoku.py --config training/sudoku_finetune_a2_diffusion.yaml   # a later schedule: the
+                                                         # schedules it starts from are trained first if missing
 
 The bundled weights were trained with the torch trainer on one CPU core (41 minutes):
 `OMP_NUM_THREADS=1 python training/train_sudoku.py --backend torch --device cpu --compile`. The MLX
@@ -88,9 +90,9 @@ def prerequisites(config: Path) -> list[Path]:
         cfg = TrainConfig.from_file(config)
         if not cfg.init_from:
             return chain
-        start = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else config.parent / cfg.init_from
-        if start.exists():
+        if Path(cfg.init_from).exists():  # TrainConfig.from_file has made an existing one relative to here
             return chain
+        start = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else config.parent / cfg.init_from
         makers = [c for c in sorted(folder.glob("*.yaml")) if checkpoint_end(TrainConfig.from_file(c)) == start.resolve()]
         if not makers:
             raise TrainError(f"{config}: init_from {cfg.init_from} does not exist and no config in {folder} ends "
