@@ -90,13 +90,12 @@ def prerequisites(config: Path) -> list[Path]:
         cfg = TrainConfig.from_file(config)
         if not cfg.init_from:
             return chain
-        if Path(cfg.init_from).exists():  # TrainConfig.from_file has made an existing one relative to here
+        if Path(cfg.init_from).exists():  # from_file has joined an existing relative path to the config's folder
             return chain
         start = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else config.parent / cfg.init_from
         makers = [c for c in sorted(folder.glob("*.yaml")) if checkpoint_end(TrainConfig.from_file(c)) == start.resolve()]
-        if not makers:
-            raise TrainError(f"{config}: init_from {cfg.init_from} does not exist and no config in {folder} ends "
-                             "there; train the run that makes it first")
+        if not makers:  # a model name, a hub id, or a path no config makes: the loader takes it or says why
+            return chain
         if makers[0] in chain:
             raise TrainError(f"{config}: its init_from chain leads back to {makers[0].name}")
         chain.insert(0, makers[0])
