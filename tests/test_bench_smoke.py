@@ -389,7 +389,6 @@ def test_cuda_launch_probe_runs_every_part(capsys):
     assert "layer 7 backward: ok" in out and "whole step (value_and_grad): ok" in out
 
 
-
 def test_sudoku_first_pass_reads_the_bundled_models_guesses():
     import numpy as np
 

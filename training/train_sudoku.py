@@ -85,21 +85,24 @@ def checkpoint_end(cfg: TrainConfig) -> Path:
 def prerequisites(config: Path) -> list[Path]:
     """The configs to run, in order, before `config` can start: for an `init_from` checkpoint that
     does not exist yet, the config beside it whose run ends there (and that one's, first)."""
-    folder, chain = config.parent, []
+    chain, ends = [], None
     while True:
         cfg = TrainConfig.from_file(config)
-        if not cfg.init_from:
+        # from_file has joined an existing relative init_from to the config's folder
+        if not cfg.init_from or Path(cfg.init_from).exists():
             return chain
-        if Path(cfg.init_from).exists():  # from_file has joined an existing relative path to the config's folder
-            return chain
+        if ends is None:  # which config's run ends where: read once, and only when a start is missing
+            ends = {}
+            for c in sorted(config.parent.glob("*.yaml")):
+                ends.setdefault(checkpoint_end(TrainConfig.from_file(c)), c)
         start = Path(cfg.init_from) if Path(cfg.init_from).is_absolute() else config.parent / cfg.init_from
-        makers = [c for c in sorted(folder.glob("*.yaml")) if checkpoint_end(TrainConfig.from_file(c)) == start.resolve()]
-        if not makers:  # a model name, a hub id, or a path no config makes: the loader takes it or says why
+        maker = ends.get(start.resolve())
+        if maker is None:  # a model name, a hub id, or a path no config makes: the loader takes it or says why
             return chain
-        if makers[0] in chain:
-            raise TrainError(f"{config}: its init_from chain leads back to {makers[0].name}")
-        chain.insert(0, makers[0])
-        config = makers[0]
+        if maker in chain:
+            raise TrainError(f"{config}: its init_from chain leads back to {maker.name}")
+        chain.insert(0, maker)
+        config = maker
 
 
 def main() -> int:
