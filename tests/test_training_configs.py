@@ -31,22 +31,39 @@ def test_every_config_parses(path):
     TrainConfig.from_file(path)
 
 
-@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
-def test_each_stage_starts_from_the_previous_stages_end(objective):
-    chain = stages(objective)
-    assert [stage_number(p) for p in chain] == list(range(1, len(chain) + 1)), "stage numbers have a gap"
-    assert TrainConfig.from_file(chain[0]).init_from is None, "stage 1 trains from scratch"
+def assert_each_starts_where_the_one_before_ends(chain: list[Path]):
     for before, after in zip(chain, chain[1:]):
         prev, cfg = TrainConfig.from_file(before), TrainConfig.from_file(after)
-        assert cfg.objective == prev.objective == objective
+        assert cfg.objective == prev.objective
         end = resolved(prev.out_dir) / "checkpoints" / f"step-{prev.steps:07d}"
         assert resolved(cfg.init_from) == end, f"{after.name} does not start where {before.name} ends"
         assert cfg.seed != prev.seed, f"{after.name} repeats {before.name}'s seed (the same batches again)"
 
 
+@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+def test_each_stage_starts_from_the_previous_stages_end(objective):
+    chain = stages(objective)
+    assert [stage_number(p) for p in chain] == list(range(1, len(chain) + 1)), "stage numbers have a gap"
+    assert TrainConfig.from_file(chain[0]).init_from is None, "stage 1 trains from scratch"
+    assert all(TrainConfig.from_file(p).objective == objective for p in chain)
+    assert_each_starts_where_the_one_before_ends(chain)
+
+
+# the bundled recipe's schedules, each with its twin
+RECIPE = [("sudoku.yaml", "sudoku_autoregressive.yaml"), ("sudoku_schedule2.yaml", "sudoku_schedule2_autoregressive.yaml"),
+          ("sudoku_schedule3.yaml", "sudoku_schedule3_autoregressive.yaml")]
+
+
+def test_the_bundled_recipe_is_a_chain_of_schedules_from_scratch():
+    for column in zip(*RECIPE):
+        chain = [TRAINING / name for name in column]
+        assert TrainConfig.from_file(chain[0]).init_from is None
+        assert_each_starts_where_the_one_before_ends(chain)
+
+
 def twins() -> list[tuple[Path, Path]]:
     """(diffusion config, its autoregressive twin): the bundled recipe's and every *_diffusion.yaml's."""
-    pairs = [(TRAINING / "sudoku.yaml", TRAINING / "sudoku_autoregressive.yaml")]
+    pairs = [(TRAINING / d, TRAINING / a) for d, a in RECIPE]
     for d in sorted(TRAINING.glob("sudoku*_diffusion.yaml")):
         a = d.with_name(d.name.replace("_diffusion.yaml", "_autoregressive.yaml"))
         if a.exists():
@@ -56,7 +73,7 @@ def twins() -> list[tuple[Path, Path]]:
 
 def test_the_twins_train_the_same_way():
     pairs = twins()
-    assert len(pairs) >= len(stages("diffusion")) + 1
+    assert len(pairs) >= len(stages("diffusion")) + len(RECIPE)
     assert len(stages("diffusion")) == len(stages("autoregressive"))
     for d, a in pairs:
         dcfg, acfg = asdict(TrainConfig.from_file(d)), asdict(TrainConfig.from_file(a))
@@ -66,8 +83,8 @@ def test_the_twins_train_the_same_way():
         assert dcfg == acfg, f"{d.name} and {a.name} differ beyond the objective"
 
 
-def test_the_bundled_recipe_trains_as_the_run_that_made_the_bundled_weights():
-    # the bundled weights are the batch-32 study's run (benchmarks/results/models/sudoku-batch32-step5000);
+def test_the_first_schedule_trains_as_the_run_that_made_its_weights():
+    # the first schedule's weights are the batch-32 study's run (benchmarks/results/models/sudoku-batch32-step5000);
     # the recipe differs only in the sampler settings chosen afterwards, with self-conditioning
     # pinned to the temperatures that run drew (its generation section had the defaults)
     from mlx_diffgemma.config import GenerationConfig
@@ -80,6 +97,17 @@ def test_the_bundled_recipe_trains_as_the_run_that_made_the_bundled_weights():
     for key in ("out_dir", "generation"):
         study.pop(key), bundled.pop(key)
     assert study == bundled
+
+
+@pytest.mark.parametrize("schedule, run", [("sudoku_schedule2", "sudoku_finetune_a"), ("sudoku_schedule3", "sudoku_finetune_a2")])
+@pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
+def test_the_later_schedules_train_as_the_runs_that_made_the_bundled_weights(schedule, run, objective):
+    # the runs started from exported copies of the weights the recipe's configs start from
+    recipe = TRAINING / (f"{schedule}.yaml" if objective == "diffusion" else f"{schedule}_autoregressive.yaml")
+    made, cfg = asdict(TrainConfig.from_file(TRAINING / f"{run}_{objective}.yaml")), asdict(TrainConfig.from_file(recipe))
+    for key in ("out_dir", "init_from"):
+        made.pop(key), cfg.pop(key)
+    assert made == cfg
 
 
 def test_a_later_schedule_trains_what_it_starts_from_first(tmp_path, monkeypatch):
@@ -104,3 +132,16 @@ def test_a_later_schedule_trains_what_it_starts_from_first(tmp_path, monkeypatch
     (tmp_path / "e.yaml").write_text("base: b.yaml\nout_dir: runs/e\ninit_from: runs/e/checkpoints/step-0000030\n")
     with pytest.raises(TrainError, match="leads back to e.yaml"):
         train_sudoku.prerequisites(tmp_path / "e.yaml")
+
+
+def test_a_budget_for_a_later_schedule_whose_start_is_untrained_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "a.yaml").write_text("base: " + str(TRAINING / "sudoku.yaml") + "\nout_dir: runs/a\nsteps: 30\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nout_dir: runs/b\nmodel: null\ninit_from: runs/a/checkpoints/step-0000030\n")
+    run = subprocess.run([sys.executable, str(TRAINING / "train_sudoku.py"), "--config", str(tmp_path / "b.yaml"),
+                          "--budget-s", "60"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "--budget-s times b.yaml only" in run.stderr and "a.yaml" in run.stderr
+    assert not (tmp_path / "runs").exists()  # refused before anything trained

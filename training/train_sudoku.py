@@ -2,18 +2,22 @@
 
     python training/train_sudoku.py                      # diffusion model -> mlx_diffgemma/models/sudoku
     python training/train_sudoku.py --baseline           # the autoregressive baseline -> runs/
-    python training/train_sudoku.py --steps 2000         # another length (the schedule follows it)
-    python training/train_sudoku.py --budget-s 300       # as many steps as fit in 300 s on this machine
+    python training/train_sudoku.py --steps 2000         # another length of the last schedule
+    python training/train_sudoku.py --config training/sudoku.yaml --budget-s 300   # as many steps of the first
+                                                         # schedule as fit in 300 s on this machine
     python training/train_sudoku.py --config training/sudoku_stage2_diffusion.yaml   # another config (no export
                                                          # unless --export: only the default replaces the package)
-    python training/train_sudoku.py --config training/sudoku_finetune_a2_diffusion.yaml   # a later schedule: the
-                                                         # schedules it starts from are trained first if missing
 
-The bundled weights were trained with the torch trainer on one CPU core (41 minutes):
-`OMP_NUM_THREADS=1 python training/train_sudoku.py --backend torch --device cpu --compile`. The MLX
-trainer takes the same steps (same init, batches, schedule and optimizer) with MLX's arithmetic; the
-rounding differences grow over 5000 steps, so it trains another model of the same recipe, not
-these weights.
+The bundled model is three schedules: `training/sudoku.yaml` from scratch (5000 steps), then
+`sudoku_schedule2.yaml` and `sudoku_schedule3.yaml` (2000 steps each from the previous weights).
+The default runs the last; a config whose `init_from` checkpoint does not exist yet first trains
+the config beside it that ends there (and that one's, first), so one command trains all three.
+`--steps`, `--budget-s` and `--out-dir` apply to the named config only. The bundled weights were
+trained with the torch trainer on one CPU core (41 + 15 + 15 minutes):
+`OMP_NUM_THREADS=1 python training/train_sudoku.py --backend torch --device cpu --compile`. The
+MLX trainer takes the same steps (same init, batches, schedule and optimizer) with MLX's
+arithmetic; the rounding differences grow over thousands of steps, so it trains another model of
+the same recipe, not these weights.
 
 Everything is seeded: the model init (`seed`), the grid pool and every batch (a function of
 (seed, step)), the corruption and the self-conditioning draws, so the same command with the same
@@ -109,8 +113,8 @@ def main() -> int:
     started = time.perf_counter()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
-    p.add_argument("--config", default=None, help="another training config (default: training/sudoku.yaml, or "
-                   "training/sudoku_autoregressive.yaml with --baseline)")
+    p.add_argument("--config", default=None, help="another training config (default: the bundled recipe's last "
+                   "schedule, training/sudoku_schedule3.yaml, or its twin with --baseline)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--budget-s", type=float, default=None, help="pick the steps that fit in this many seconds")
     p.add_argument("--steps-file", default=None, help="with --budget-s, also write the chosen steps to this file")
@@ -140,9 +144,15 @@ def main() -> int:
         run = functools.partial(torch_train, device=device, bf16=args.bf16)
     elif args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
-    config = Path(args.config) if args.config else HERE / ("sudoku_autoregressive.yaml" if args.baseline else "sudoku.yaml")
+    default = "sudoku_schedule3_autoregressive.yaml" if args.baseline else "sudoku_schedule3.yaml"
+    config = Path(args.config) if args.config else HERE / default
     try:
-        for before in prerequisites(config):  # a later schedule whose starting checkpoint is not trained yet
+        chain = prerequisites(config)
+        if chain and args.budget_s is not None:  # the budget would go to schedules it does not time
+            raise TrainError(f"--budget-s times {config.name} only, and it starts from {chain[-1].name}'s run, not "
+                             f"trained yet: train {' and '.join(c.name for c in chain)} first, or pass --config "
+                             "training/sudoku.yaml for a budgeted run from scratch")
+        for before in chain:  # a later schedule whose starting checkpoint is not trained yet
             pre = TrainConfig.from_file(before)
             if args.compile is not None:
                 pre.compile = args.compile
