@@ -2,9 +2,10 @@
 
     python training/train_sudoku.py                      # diffusion model -> mlx_diffgemma/models/sudoku
     python training/train_sudoku.py --baseline           # the autoregressive baseline -> runs/
-    python training/train_sudoku.py --steps 2000         # another length of the last schedule
-    python training/train_sudoku.py --config training/sudoku.yaml --budget-s 300   # as many steps of the first
-                                                         # schedule as fit in 300 s on this machine
+    python training/train_sudoku.py --config training/sudoku.yaml --steps 2000     # a shorter first schedule
+                                                         # (the learning-rate schedule follows it)
+    python training/train_sudoku.py --config training/sudoku.yaml --budget-s 300   # as many steps of it as
+                                                         # fit in 300 s on this machine
     python training/train_sudoku.py --config training/sudoku_stage2_diffusion.yaml   # another config (no export
                                                          # unless --export: only the default replaces the package)
 
