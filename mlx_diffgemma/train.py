@@ -28,6 +28,8 @@ The config file (YAML or JSON):
     task: sudoku                  # the data source (see TASKS)
     objective: diffusion          # or autoregressive
     init_from: null               # a checkpoint directory to fine-tune, or null with `model:` below
+    grow_depth: null              # with init_from: its layers stacked this many times, each copy after the
+                                  # first starting as the identity, so training starts from its function
     model: {canvas_length: 81, text_config: {...}}   # a fresh network (DiffusionGemma config)
     generation: {...}             # generation_config.json of the checkpoints, applied again on export
     steps: 3000
@@ -85,6 +87,7 @@ class TrainConfig:
     task: str = "sudoku"
     objective: str = "diffusion"
     init_from: str | None = None
+    grow_depth: int | None = None
     model: dict | None = None
     generation: dict = field(default_factory=dict)
     steps: int = 1000
@@ -142,6 +145,13 @@ class TrainConfig:
             bad(f"task is {self.task!r}, known tasks: {', '.join(sorted(TASKS))}")
         if (self.model is None) == (self.init_from is None):
             bad("give exactly one of `model` (a fresh network) or `init_from` (a checkpoint directory)")
+        if self.grow_depth is not None:
+            if not (isinstance(self.grow_depth, int) and self.grow_depth >= 2):
+                bad(f"grow_depth must be an integer >= 2 (how many times to stack the layers), got {self.grow_depth!r}")
+            if self.init_from is None:
+                bad("grow_depth deepens a trained network: give it with init_from, not with model")
+            if self.lora is not None:
+                bad("grow_depth trains new layers in full; it cannot be combined with lora")
         for name in ("steps", "batch_size", "micro_batches", "save_every", "log_every", "keep_checkpoints"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
                 bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -376,7 +386,10 @@ def build(cfg: TrainConfig) -> tuple[DiffusionGemma, dict, GenerationConfig, Pat
             raise TrainError(f"init_from: {e}") from None
         raw = dict(model.config.raw)
         raw.pop("quantization", None)
-        return model, raw, with_generation(model.generation_config, cfg.generation), src
+        gen = with_generation(model.generation_config, cfg.generation)
+        if cfg.grow_depth:
+            model, raw = grow_depth(model, raw, cfg.grow_depth)
+        return model, raw, gen, src
     raw = {"model_type": "diffusion_gemma", "architectures": ["DiffusionGemmaForBlockDiffusion"], **cfg.model}
     try:
         config = ModelConfig.from_dict(raw, source="model")
@@ -387,6 +400,43 @@ def build(cfg: TrainConfig) -> tuple[DiffusionGemma, dict, GenerationConfig, Pat
     model = DiffusionGemma(config)
     mx.eval(model.parameters())
     return model, raw, gen, None
+
+
+# the two writes a layer makes into the residual stream; zero scales make it return its input
+RESIDUAL_WRITES = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def grow_depth(model: DiffusionGemma, raw: dict, times: int) -> tuple[DiffusionGemma, dict]:
+    """The network with its layers stacked `times` over (layer i + k·n a copy of layer i) and the
+    config.json dict that describes it. Each copy after the first has its residual writes scaled
+    to zero and its layer scalar at 1: it passes its input through unchanged, so the deeper network
+    computes what the trained one did, and training moves the copies' scales off zero."""
+    text = dict(raw["text_config"])
+    n = model.config.num_hidden_layers
+    text["num_hidden_layers"] = n * times
+    text["layer_types"] = [spec.kind for spec in model.config.layers] * times
+    if text.get("per_layer_config"):
+        per_layer = {int(i): v for i, v in text["per_layer_config"].items()}
+        text["per_layer_config"] = {str(i + k * n): v for k in range(times) for i, v in sorted(per_layer.items())}
+    raw = {**raw, "text_config": text}
+    deeper = DiffusionGemma(ModelConfig.from_dict(raw, source="grow_depth"))
+    grown = []
+    for name, value in tree_flatten(model.parameters()):
+        if not name.startswith("layers."):
+            grown.append((name, value))
+            continue
+        _, i, rest = name.split(".", 2)
+        for k in range(times):
+            if k and rest.split(".")[0] in RESIDUAL_WRITES:
+                value_k = mx.zeros_like(value)
+            elif k and rest == "layer_scalar":
+                value_k = mx.ones_like(value)
+            else:
+                value_k = value
+            grown.append((f"layers.{int(i) + k * n}.{rest}", value_k))
+    deeper.load_weights(grown, strict=True)
+    mx.eval(deeper.parameters())
+    return deeper, raw
 
 
 def apply_lora(model: nn.Module, lora: dict, seed: int) -> None:

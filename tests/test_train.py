@@ -321,3 +321,32 @@ def test_sort_task_bad_options_name_the_culprit(tmp_path, data, model, culprit):
     with pytest.raises(TrainError, match=culprit):
         TASKS["sort"](cfg)
 
+
+
+def test_grow_depth_starts_from_the_trained_function(tmp_path):
+    base_dir = train(tiny(tmp_path / "base", steps=2), progress=False, log=lambda *_: None)
+    small, _ = load(base_dir)
+    cfg = TrainConfig.from_dict(dict(out_dir=str(tmp_path / "deep"), init_from=str(base_dir), grow_depth=3,
+                                     steps=2, batch_size=4, warmup_steps=1, save_every=1, compile=False))
+    deep, raw, _, _ = build(cfg)
+    assert raw["text_config"]["num_hidden_layers"] == 6 and len(deep.layers) == 6
+    assert [s.kind for s in deep.config.layers] == [S, F] * 3
+    # the copies pass their input through, so prompt encoding and denoising agree with the trained network
+    prompt = mx.array([[2] + [3 + i % 9 for i in range(20)]])
+    canvas = mx.array([[3 + (i * 7) % 9 for i in range(81)]])
+    out = []
+    for m in (small, deep):
+        cache = m.make_cache()
+        m.encode(prompt, cache)
+        out.append(np.array(m.denoise(canvas, cache)))
+    np.testing.assert_allclose(out[1], out[0], rtol=1e-5, atol=1e-5)
+    # ... and they train: the copies' zero scales move, and a rerun resumes the deeper network
+    last = train(cfg, progress=False, log=lambda *_: None)
+    tuned, _ = load(last)
+    assert len(tuned.layers) == 6
+    assert float(mx.abs(tuned.layers[4].post_attention_layernorm.weight).max()) > 0
+    assert train(cfg, progress=False, log=lambda *_: None) == last
+    for bad, match in ((dict(grow_depth=1), "grow_depth must be an integer >= 2"),
+                       (dict(grow_depth=2, init_from=None, model=TINY_MODEL), "give it with init_from")):
+        with pytest.raises(TrainError, match=match):
+            TrainConfig.from_dict({**dict(out_dir="x", init_from=str(base_dir)), **bad})
