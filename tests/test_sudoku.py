@@ -140,7 +140,7 @@ def test_bundled_model_is_small_and_shaped_like_diffusiongemma(bundled):
 def test_bundled_model_solves_easy_puzzles(bundled):
     """Measured, not hard-coded: on fresh easy puzzles the model must keep the givens, fill the
     blanks far better than chance (1/9) and solve most grids. (Every bundled model from stage 8
-    to the three-schedule one measured kept 1.00, blanks right 1.00 and 8 of 8 solved here;
+    to the eight-layer one measured kept 1.00, blanks right 1.00 and 8 of 8 solved here;
     docs/sudoku.md has the rates on harder puzzles.)"""
     model, _ = bundled
     puzzles, solutions = sudoku.puzzle_set(99, 8, (50, 55))

@@ -51,7 +51,9 @@ def test_each_stage_starts_from_the_previous_stages_end(objective):
 
 # the bundled recipe's schedules, each with its twin
 RECIPE = [("sudoku.yaml", "sudoku_autoregressive.yaml"), ("sudoku_schedule2.yaml", "sudoku_schedule2_autoregressive.yaml"),
-          ("sudoku_schedule3.yaml", "sudoku_schedule3_autoregressive.yaml")]
+          ("sudoku_schedule3.yaml", "sudoku_schedule3_autoregressive.yaml"),
+          ("sudoku_schedule4.yaml", "sudoku_schedule4_autoregressive.yaml"),
+          ("sudoku_schedule5.yaml", "sudoku_schedule5_autoregressive.yaml")]
 
 
 def test_the_bundled_recipe_is_a_chain_of_schedules_from_scratch():
@@ -99,7 +101,8 @@ def test_the_first_schedule_trains_as_the_run_that_made_its_weights():
     assert study == bundled
 
 
-@pytest.mark.parametrize("schedule, run", [("sudoku_schedule2", "sudoku_finetune_a"), ("sudoku_schedule3", "sudoku_finetune_a2")])
+@pytest.mark.parametrize("schedule, run", [("sudoku_schedule2", "sudoku_finetune_a"), ("sudoku_schedule3", "sudoku_finetune_a2"),
+                                           ("sudoku_schedule4", "sudoku_grow_deep"), ("sudoku_schedule5", "sudoku_grow_deep2")])
 @pytest.mark.parametrize("objective", ["diffusion", "autoregressive"])
 def test_the_later_schedules_train_as_the_runs_that_made_the_bundled_weights(schedule, run, objective):
     # the runs started from exported copies of the weights the recipe's configs start from

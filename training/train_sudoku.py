@@ -9,12 +9,14 @@
     python training/train_sudoku.py --config training/sudoku_stage2_diffusion.yaml   # another config (no export
                                                          # unless --export: only the default replaces the package)
 
-The bundled model is three schedules: `training/sudoku.yaml` from scratch (5000 steps), then
-`sudoku_schedule2.yaml` and `sudoku_schedule3.yaml` (2000 steps each from the previous weights).
-The default runs the last; a config whose `init_from` checkpoint does not exist yet first trains
-the config beside it that ends there (and that one's, first), so one command trains all three.
-`--steps`, `--budget-s` and `--out-dir` apply to the named config only. The bundled weights were
-trained with the torch trainer on one CPU core (41 + 15 + 15 minutes):
+The bundled model is five schedules: `training/sudoku.yaml` from scratch (5000 steps), then
+`sudoku_schedule2.yaml` and `sudoku_schedule3.yaml` (2000 steps each from the previous weights),
+`sudoku_schedule4.yaml` (the network stacked to twice its depth, each new layer starting as the
+identity, then 2000 steps) and `sudoku_schedule5.yaml` (2000 more). The default runs the last; a
+config whose `init_from` checkpoint does not exist yet first trains the config beside it that ends
+there (and that one's, first), so one command trains all five. `--steps`, `--budget-s` and
+`--out-dir` apply to the named config only. The bundled weights were trained with the torch
+trainer on one CPU core (41 + 15 + 15 + 29 + 30 minutes):
 `OMP_NUM_THREADS=1 python training/train_sudoku.py --backend torch --device cpu --compile`. The
 MLX trainer takes the same steps (same init, batches, schedule and optimizer) with MLX's
 arithmetic; the rounding differences grow over thousands of steps, so it trains another model of
@@ -115,7 +117,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--baseline", action="store_true", help="train the autoregressive baseline instead")
     p.add_argument("--config", default=None, help="another training config (default: the bundled recipe's last "
-                   "schedule, training/sudoku_schedule3.yaml, or its twin with --baseline)")
+                   "schedule, training/sudoku_schedule5.yaml, or its twin with --baseline)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     p.add_argument("--budget-s", type=float, default=None, help="pick the steps that fit in this many seconds")
     p.add_argument("--steps-file", default=None, help="with --budget-s, also write the chosen steps to this file")
@@ -145,7 +147,7 @@ def main() -> int:
         run = functools.partial(torch_train, device=device, bf16=args.bf16)
     elif args.device:
         mx.set_default_device(mx.gpu if args.device == "gpu" else mx.cpu)
-    default = "sudoku_schedule3_autoregressive.yaml" if args.baseline else "sudoku_schedule3.yaml"
+    default = "sudoku_schedule5_autoregressive.yaml" if args.baseline else "sudoku_schedule5.yaml"
     config = Path(args.config) if args.config else HERE / default
     try:
         chain = prerequisites(config)
