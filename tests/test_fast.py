@@ -91,7 +91,7 @@ def test_fast_loop_without_departures_reproduces_the_reference(sharp):
     assert same.stats.steps_per_canvas == ref.stats.steps_per_canvas
 
 
-@pytest.mark.parametrize("name", ["freeze", "compact", "settled", "short", "turbo"])
+@pytest.mark.parametrize("name", ["freeze", "compact", "settled", "bounded", "short", "turbo"])
 def test_modes_do_less_trunk_work(sharp, name):
     model, tok = sharp
     kw = dict(max_tokens=32, max_denoising_steps=24, seed=1, eos_token_id=[10**6], confidence_threshold=0.05)
@@ -347,6 +347,9 @@ def test_mode_knobs_from_a_string():
     assert m == replace(MODES["compact"], name=m.name, refresh_every=8, settle_frozen=True, freeze_entropy=0.1)
     assert m.name == "compact+refresh_every=8+settle_frozen=1+drop_tail=none+freeze_entropy=0.1"
     assert get_mode("freeze+drop_tail=2").drop_tail == 2
+    # the named mode is the knob string the Sudoku gate measured
+    measured = get_mode("settled+freeze_unaccepted=1+max_steps=24")
+    assert MODES["bounded"] == replace(measured, name="bounded")
     for bad, culprit in [("compact+warp=1", "'warp=1' is not knob=value"), ("compact+refresh_every", "not knob=value"),
                          ("compact+compact=yes", "compact='yes' is not a valid bool"),
                          ("compact+refresh_every=x", "refresh_every='x'"), ("warp+compact=1", "unknown mode 'warp'"),
