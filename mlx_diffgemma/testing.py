@@ -166,6 +166,46 @@ def build_checkpoint(
     return out_dir, model
 
 
+def quantized_copy(src: Path, dst: Path) -> Path:
+    """`src` quantized the way mlx-lm writes it (8-bit affine, layer 0's experts at 4 bits, the
+    routers left in float), written to `dst`: loaders and trainers meet tensors we quantized."""
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from . import load
+
+    src, dst = Path(src), Path(dst)
+    model, _ = load(src)
+    overrides = {"layers.0.experts.gate_up_proj": {"group_size": 32, "bits": 4},
+                 "layers.0.experts.down_proj": {"group_size": 32, "bits": 4}}
+
+    used = {}  # the overrides that applied: a module too narrow for groups of 32 stays in float
+
+    def predicate(path, module):
+        if path.endswith("router.proj") or not hasattr(module, "to_quantized"):
+            return False
+        if module.weight.shape[-1] % 32:
+            return False
+        used[path] = overrides.get(path, True)
+        return used[path]
+
+    nn.quantize(model, group_size=32, bits=8, class_predicate=predicate)
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        f.unlink()
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization"] = {"group_size": 32, "bits": 8, "mode": "affine",
+                           **{p: v for p, v in used.items() if p in overrides},
+                           **{f"layers.{i}.router.proj": False for i in range(len(model.layers))}}
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
 def main(argv=None):
     """`python -m mlx_diffgemma.testing OUT_DIR`: write a tiny random checkpoint (meaningless text)."""
     import argparse

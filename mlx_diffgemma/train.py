@@ -28,8 +28,8 @@ The config file (YAML or JSON):
     task: sudoku                  # the data source (see TASKS)
     objective: diffusion          # or autoregressive
     init_from: null               # a checkpoint directory to fine-tune, or null with `model:` below
-    grow_depth: null              # with init_from: its layers stacked this many times, each copy after the
-                                  # first starting as the identity, so training starts from its function
+    grow_depth: null              # with init_from (not quantized): its layers stacked this many times, each
+                                  # copy after the first the identity, so training starts from its function
     model: {canvas_length: 81, text_config: {...}}   # a fresh network (DiffusionGemma config)
     generation: {...}             # generation_config.json of the checkpoints, applied again on export
     steps: 3000
@@ -385,8 +385,12 @@ def build(cfg: TrainConfig) -> tuple[DiffusionGemma, dict, GenerationConfig, Pat
         except LoadError as e:
             raise TrainError(f"init_from: {e}") from None
         raw = dict(model.config.raw)
-        raw.pop("quantization", None)
+        quantized = raw.pop("quantization", None)
         gen = with_generation(model.generation_config, cfg.generation)
+        if cfg.grow_depth and quantized:
+            # the copies train in full, so they need full-precision weights to copy
+            raise TrainError(f"grow_depth: init_from {src} is quantized; grow from the full-precision "
+                             "checkpoint it was converted from (convert without --quantize)")
         if cfg.grow_depth:
             model, raw = grow_depth(model, raw, cfg.grow_depth)
         return model, raw, gen, src

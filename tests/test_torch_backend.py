@@ -11,8 +11,6 @@ import subprocess
 import sys
 
 import mlx.core as mx
-import mlx.nn as mlx_nn
-from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 import torch
@@ -22,6 +20,7 @@ from mlx_diffgemma import LoadError, load, stream_generate
 from mlx_diffgemma.generate import denoise_canvas, ops_for
 from mlx_diffgemma.kernels.reference import head_statistics as mlx_head_statistics
 from mlx_diffgemma.sampler import NoiseSource, finalize_block
+from mlx_diffgemma.testing import quantized_copy
 from mlx_diffgemma.torch_backend import dequantize, head_statistics
 from reference import hf_step
 
@@ -236,36 +235,9 @@ def test_dequantize_matches_mlx(mode, group_size, bits):
     assert np.abs(ref - np.array(w)).mean() < 0.6  # a real round trip, not zeros
 
 
-def write_quantized(src, dst):
-    """An mlx-lm-style quantized directory made here (8-bit affine, the experts of layer 0 at 4 bits,
-    the router left in float), so the loader is tested on tensors we quantized ourselves."""
-    model, _ = load(src)
-    overrides = {"layers.0.experts.gate_up_proj": {"group_size": 32, "bits": 4},
-                 "layers.0.experts.down_proj": {"group_size": 32, "bits": 4}}
-
-    def predicate(p, m):
-        if p.endswith("router.proj"):
-            return False
-        if not hasattr(m, "to_quantized"):
-            return False
-        return overrides.get(p, True)
-
-    mlx_nn.quantize(model, group_size=32, bits=8, class_predicate=predicate)
-    shutil.copytree(src, dst)
-    for f in dst.glob("*.safetensors"):
-        f.unlink()
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["quantization"] = {"group_size": 32, "bits": 8, "mode": "affine", **overrides,
-                           **{f"layers.{i}.router.proj": False for i in range(len(model.layers))}}
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
-
-
 def test_quantized_checkpoint_matches_mlx(gemma_checkpoint, tmp_path):
     path, _ = gemma_checkpoint
-    qdir = write_quantized(path, tmp_path / "q")
+    qdir = quantized_copy(path, tmp_path / "q")
     mlx_model, _ = load(qdir)
     assert mlx_model.layers[0].experts.gate_up_proj.bits == 4
     model, _ = torch_load(qdir)

@@ -1,5 +1,6 @@
 """Training: the loss goes down, checkpoints load and resume, LoRA trains only its adapters."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from mlx_diffgemma import sudoku
 from mlx_diffgemma.loading import load
+from mlx_diffgemma.testing import quantized_copy
 from mlx_diffgemma.train import (
     TASKS,
     TrainConfig,
@@ -346,6 +348,9 @@ def test_grow_depth_starts_from_the_trained_function(tmp_path):
     assert len(tuned.layers) == 6
     assert float(mx.abs(tuned.layers[4].post_attention_layernorm.weight).max()) > 0
     assert train(cfg, progress=False, log=lambda *_: None) == last
+    # a quantized checkpoint has no full-precision weights to copy: refused in one line
+    with pytest.raises(TrainError, match="init_from .* is quantized; grow from the full-precision"):
+        build(dataclasses.replace(cfg, init_from=str(quantized_copy(base_dir, tmp_path / "q"))))
     for bad, match in ((dict(grow_depth=1), "grow_depth must be an integer >= 2"),
                        (dict(grow_depth=2, init_from=None, model=TINY_MODEL), "give it with init_from")):
         with pytest.raises(TrainError, match=match):
