@@ -28,6 +28,8 @@
 #   there:       carry .whlcpu:  bash benchmarks/gpu_session.sh torch   (DRY=1 rehearses it here;
 #                COMPILE=--no-compile and BF16=1 change the step)
 # `profile` (carry .whlcpu) times that step plain, compiled and compiled in bf16 first.
+# `gate` is #6's gate alone on the GPU with the bundled models (nothing from runs/ needed): part1
+# with .mlxcuda1, then `gate` with .mlxcuda2 and .whl; DRY=1 rehearses it here on the CPU.
 # DRY=1 bash benchmarks/gpu_session.sh run   rehearses `run` here on the CPU (no unpacking, torch on
 # the CPU, 2 training steps), so a mistake in this script does not cost a lease. Add
 # DIFF_CONFIG=training/sudoku_gpu_finetune_diffusion.yaml AR_CONFIG=training/sudoku_gpu_finetune_autoregressive.yaml:
@@ -72,11 +74,11 @@ prepare)
     for d in /.whl/ /.gpuinit/; do grep -qxF "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
     rm -rf .whl && mkdir -p .whl
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl mlx-lm==0.32.2 transformers==5.24.0
-    # the stage-8 weights the GPU stage starts from (runs/ is not in git), without optimizer state
+    # the stage-8 weights `run` starts from (runs/ is not in git), without optimizer state; `gate` needs none
     rm -rf .gpuinit && mkdir -p .gpuinit
     for obj in diffusion autoregressive; do
         src="runs/sudoku-$obj-stage8/checkpoints/step-0002800"
-        [ -f "$src/model.safetensors" ] || { echo "missing $src: train stages 1-8 first (docs/sudoku.md)"; exit 2; }
+        [ -f "$src/model.safetensors" ] || { echo "no $src: enough for gate; run needs stages 1-8 (docs/sudoku.md)"; continue; }
         mkdir -p ".gpuinit/$obj" && find "$src" -maxdepth 1 -type f -exec cp {} ".gpuinit/$obj/" \;
     done
     du -sh .whl .gpuinit
@@ -152,8 +154,31 @@ torch)
     ;;
 part1)
     mkdir -p /tmp/mlxparts && cp .mlxcuda1/* /tmp/mlxparts/
-    rm -rf /tmp/gpuinit && cp -r .gpuinit /tmp/gpuinit
+    rm -rf /tmp/gpuinit && [ -d .gpuinit ] && cp -r .gpuinit /tmp/gpuinit
     nvidia-smi -L
+    ;;
+gate)
+    # #6's gate alone on the GPU (MLX's CUDA backend), each run time-boxed: Sudoku's held-out and
+    # tuning puzzles (the reference against settled, bounded and turbo, the CPU's candidates),
+    # then the sort lists (settled, short, bounded)
+    begin "${TOTAL_S:-420}"
+    if [ -z "${DRY:-}" ]; then unpack; else export PYTHONPATH="$PWD"; fi
+    export PYTHONUNBUFFERED=1
+    python3 -c "import mlx.core as mx; print('mlx', mx.__version__, mx.default_device())" 2>&1 | tee "$r/versions.txt"
+    nvidia-smi > "$r/nvidia-smi.txt" 2>&1
+    stamp unpacked
+    touch /tmp/fast_path.marker
+    n="${GATE_PUZZLES:-150}" b="${GATE_BUDGET_S:-100}"
+    for seed in 20261127 777; do
+        timeout $((b + 40)) python3 -m benchmarks.fast_path --model sudoku --puzzles "$n" --givens 30 50 \
+            --puzzle-seed $seed --modes settled,bounded,turbo --time-budget "$b" > "$r/gate_sudoku_$seed.log" 2>&1
+        stamp "sudoku gate, puzzle seed $seed" $?
+    done
+    timeout $((b + 40)) python3 -m benchmarks.fast_path --task sort --model sort --puzzles "${GATE_LISTS:-100}" \
+        --modes settled,short,bounded --time-budget "$b" > "$r/gate_sort.log" 2>&1
+    stamp "sort gate" $?
+    find benchmarks/results -name 'fast_path-*' -newer /tmp/fast_path.marker -exec mv {} "$r/" \;
+    finish /nonexistent
     ;;
 run)
     begin "${TOTAL_S:-560}"
