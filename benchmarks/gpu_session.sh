@@ -159,8 +159,8 @@ part1)
     ;;
 gate)
     # #6's gate alone on the GPU (MLX's CUDA backend), each run time-boxed: Sudoku's held-out and
-    # tuning puzzles (the reference against settled, bounded and turbo, the CPU's candidates),
-    # then the sort lists (settled, short, bounded)
+    # tuning puzzles (the reference against settled, bounded and turbo, the CPU's candidates, and
+    # bounded on whole canvases, for a GPU where rows cost nothing), then the sort lists
     begin "${TOTAL_S:-420}"
     if [ -z "${DRY:-}" ]; then unpack; else export PYTHONPATH="$PWD"; fi
     export PYTHONUNBUFFERED=1
@@ -171,7 +171,7 @@ gate)
     n="${GATE_PUZZLES:-150}" b="${GATE_BUDGET_S:-100}"
     for seed in 20261127 777; do
         timeout $((b + 40)) python3 -m benchmarks.fast_path --model sudoku --puzzles "$n" --givens 30 50 \
-            --puzzle-seed $seed --modes settled,bounded,turbo --time-budget "$b" > "$r/gate_sudoku_$seed.log" 2>&1
+            --puzzle-seed $seed --modes settled,bounded,bounded+compact=0,turbo --time-budget "$b" > "$r/gate_sudoku_$seed.log" 2>&1
         stamp "sudoku gate, puzzle seed $seed" $?
     done
     timeout $((b + 40)) python3 -m benchmarks.fast_path --task sort --model sort --puzzles "${GATE_LISTS:-100}" \
