@@ -411,8 +411,8 @@ SLOW_CHILD = """
 import sys, time
 from mlx_diffgemma import convert as cv
 real = cv._write_job
-def slow(*a):  # make the conversion long enough to interrupt mid-way
-    time.sleep(0.05)
+def slow(*a):  # every tensor waits, so the interrupt lands mid-way however slowly the test polls
+    time.sleep(30)
     return real(*a)
 cv._write_job = slow
 sys.exit(cv.main(sys.argv[1:]))
