@@ -17,6 +17,8 @@
 # There, two back-to-back commands while the machine stays up:
 #   1) carry .mlxcuda1 and .gpuinit:  bash benchmarks/gpu_session.sh part1
 #   2) carry .mlxcuda2 and .whl:      bash benchmarks/gpu_session.sh run     (or twin, or stage)
+# (That was the 2026-11-28 lease. The tracked tree has since grown to ~32 MiB and a half of MLX
+# with it passes 64 MiB: use prepare-gate's three parts and part2, below, for any of them too.)
 # `run` ends inside TOTAL_S seconds (default 560) and leaves in $OUT: results.tar.gz (logs and
 # JSON/Markdown results) and models.tar.part_* (the trained Sudoku models; cat, then untar).
 # `twin` trains the autoregressive twin of the bundled model's two GPU stages (the one piece of
@@ -28,8 +30,11 @@
 #   there:       carry .whlcpu:  bash benchmarks/gpu_session.sh torch   (DRY=1 rehearses it here;
 #                COMPILE=--no-compile and BF16=1 change the step)
 # `profile` (carry .whlcpu) times that step plain, compiled and compiled in bf16 first.
-# `gate` is #6's gate alone on the GPU with the bundled models (nothing from runs/ needed): part1
-# with .mlxcuda1, then `gate` with .mlxcuda2 and .whl; DRY=1 rehearses it here on the CPU.
+# `gate` is #6's gate alone on the GPU with the bundled models (nothing from runs/ needed). The
+# tracked tree is ~32 MiB, so MLX travels in three parts:  here, after mlx-cuda-carry.sh,
+#   bash benchmarks/gpu_session.sh prepare-gate     # -> .mlxcuda1-3/ (~25 MiB each), .whl/ (mlx-lm only)
+# there: `part1` carrying .mlxcuda1, `part2` carrying .mlxcuda2, `gate` carrying .mlxcuda3 and .whl.
+# DRY=1 rehearses `gate` here on the CPU.
 # DRY=1 bash benchmarks/gpu_session.sh run   rehearses `run` here on the CPU (no unpacking, torch on
 # the CPU, 2 training steps), so a mistake in this script does not cost a lease. Add
 # DIFF_CONFIG=training/sudoku_gpu_finetune_diffusion.yaml AR_CONFIG=training/sudoku_gpu_finetune_autoregressive.yaml:
@@ -57,7 +62,7 @@ finish() {
 
 # MLX's CUDA backend (both halves, sent by part1 and this call) and the carried wheels, into /tmp/site
 unpack() {
-    cp .mlxcuda2/* /tmp/mlxparts/ && mkdir -p /tmp/site
+    mkdir -p /tmp/mlxparts /tmp/site && cp .mlxcuda[23]/* /tmp/mlxparts/  # this call's part, and any left there
     cat /tmp/mlxparts/part_* | xz -d | tar x -C /tmp/site
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD"
@@ -152,8 +157,23 @@ torch)
     done
     finish /tmp/models/sudoku
     ;;
-part1)
-    mkdir -p /tmp/mlxparts && cp .mlxcuda1/* /tmp/mlxparts/
+prepare-gate)
+    # MLX's CUDA build from mlx-cuda-carry.sh's two halves, split again in three, so that each call
+    # stays under 64 MiB beside the tracked tree; mlx-lm alone (the GPU image has transformers)
+    [ -f .mlxcuda1/part_00 ] && [ -f .mlxcuda2/part_01 ] || { echo "run ../shared/tools/mlx-cuda-carry.sh first"; exit 2; }
+    tmp=$(mktemp -d)
+    cat .mlxcuda1/part_00 .mlxcuda2/part_01 > "$tmp/mlx.tar.xz" && (cd "$tmp" && split -n 3 -d mlx.tar.xz part_)
+    rm -rf .mlxcuda1 .mlxcuda2 .mlxcuda3
+    for i in 1 2 3; do
+        mkdir -p .mlxcuda$i && mv "$tmp/part_0$((i - 1))" .mlxcuda$i/
+        grep -qxF "/.mlxcuda$i/" .git/info/exclude || echo "/.mlxcuda$i/" >> .git/info/exclude
+    done
+    rm -rf "$tmp" .whl && mkdir -p .whl && grep -qxF /.whl/ .git/info/exclude || echo /.whl/ >> .git/info/exclude
+    python3 -m pip download -q --no-deps --only-binary=:all: -d .whl mlx-lm==0.32.2
+    du -sh .mlxcuda1 .mlxcuda2 .mlxcuda3 .whl
+    ;;
+part1|part2)
+    mkdir -p /tmp/mlxparts && cp .mlxcuda${1#part}/* /tmp/mlxparts/
     rm -rf /tmp/gpuinit && [ -d .gpuinit ] && cp -r .gpuinit /tmp/gpuinit
     nvidia-smi -L
     ;;
