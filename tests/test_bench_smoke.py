@@ -403,3 +403,25 @@ def test_sudoku_first_pass_reads_the_bundled_models_guesses():
     assert (guessed[~blank] == puzzles[~blank]).mean() > 0.99  # it copies the givens
     assert (guessed == solutions)[blank].mean() > 0.6  # one pass already fills most blanks (chance: 1/9)
     assert clash_rates(puzzles, solutions, guessed)["row"][0] < 0.1  # and breaks no row against the givens
+
+
+def test_gpu_session_gate_rehearses_on_the_cpu(tmp_path):
+    """The lease's gate command, rehearsed (DRY=1: no unpacking, MLX on the CPU) on two items a
+    run: a broken script would cost a GPU lease. Its results are packed and leave no file behind."""
+    import os
+    import tarfile
+
+    before = set((ROOT / "benchmarks" / "results").iterdir())
+    env = {**os.environ, "DRY": "1", "GATE_PUZZLES": "2", "GATE_LISTS": "2", "GATE_BUDGET_S": "60",
+           "OUT": str(tmp_path)}
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "gate"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    with tarfile.open(tmp_path / "results.tar.gz") as t:
+        names = t.getnames()
+        timeline = t.extractfile("./timeline.txt").read().decode()
+        sudoku = t.extractfile("./gate_sudoku_20261127.log").read().decode()
+    assert timeline.count("(rc 0)") == 3, timeline
+    assert sum(n.endswith(".md") and "fast_path-" in n for n in names) == 3, names
+    assert "| bounded+compact=0 |" in sudoku and "| turbo |" in sudoku
+    assert set((ROOT / "benchmarks" / "results").iterdir()) == before
