@@ -60,6 +60,8 @@ finish() {
     ls -la "$out"
 }
 
+# a folder this script fills, kept out of git (local to this checkout)
+ignore() { mkdir -p .git/info && for d in "$@"; do grep -qxF "$d" .git/info/exclude 2>/dev/null || echo "$d" >> .git/info/exclude; done; }
 # MLX's CUDA backend (both halves, sent by part1 and this call) and the carried wheels, into /tmp/site
 unpack() {
     mkdir -p /tmp/mlxparts /tmp/site && cp .mlxcuda[23]/* /tmp/mlxparts/  # this call's part, and any left there
@@ -76,7 +78,7 @@ unpack_cpu() {
 
 case "${1:-}" in
 prepare)
-    for d in /.whl/ /.gpuinit/; do grep -qxF "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
+    ignore /.whl/ /.gpuinit/
     rm -rf .whl && mkdir -p .whl
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl mlx-lm==0.32.2 transformers==5.24.0
     # the stage-8 weights `run` starts from (runs/ is not in git), without optimizer state; `gate` needs none
@@ -89,7 +91,7 @@ prepare)
     du -sh .whl .gpuinit
     ;;
 prepare-torch)
-    grep -qxF /.whlcpu/ .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo /.whlcpu/ >> .git/info/exclude; }
+    ignore /.whlcpu/
     rm -rf .whlcpu && mkdir -p .whlcpu
     # MLX only builds, restores and saves the model there, on the CPU; one mlx wheel per CPython
     for py in 3.10 3.11 3.12 3.13; do
@@ -158,17 +160,19 @@ torch)
     finish /tmp/models/sudoku
     ;;
 prepare-gate)
-    # MLX's CUDA build from mlx-cuda-carry.sh's two halves, split again in three, so that each call
-    # stays under 64 MiB beside the tracked tree; mlx-lm alone (the GPU image has transformers)
+    # MLX's CUDA build from mlx-cuda-carry.sh's two halves (or an earlier run's three parts), split
+    # in three, so that each call stays under 64 MiB beside the tracked tree; mlx-lm alone (the GPU
+    # image has transformers)
     [ -f .mlxcuda1/part_00 ] && [ -f .mlxcuda2/part_01 ] || { echo "run ../shared/tools/mlx-cuda-carry.sh first"; exit 2; }
     tmp=$(mktemp -d)
-    cat .mlxcuda1/part_00 .mlxcuda2/part_01 > "$tmp/mlx.tar.xz" && (cd "$tmp" && split -n 3 -d mlx.tar.xz part_)
+    parts=".mlxcuda1/part_00 .mlxcuda2/part_01"  # a third part older than the first is a stale one
+    [ -f .mlxcuda3/part_02 ] && ! [ .mlxcuda3/part_02 -ot .mlxcuda1/part_00 ] && parts="$parts .mlxcuda3/part_02"
+    cat $parts > "$tmp/mlx.tar.xz" && xz -t "$tmp/mlx.tar.xz" || { echo "the MLX parts are incomplete: run ../shared/tools/mlx-cuda-carry.sh again"; rm -rf "$tmp"; exit 2; }
+    (cd "$tmp" && split -n 3 -d mlx.tar.xz part_)
     rm -rf .mlxcuda1 .mlxcuda2 .mlxcuda3
-    for i in 1 2 3; do
-        mkdir -p .mlxcuda$i && mv "$tmp/part_0$((i - 1))" .mlxcuda$i/
-        grep -qxF "/.mlxcuda$i/" .git/info/exclude || echo "/.mlxcuda$i/" >> .git/info/exclude
-    done
-    rm -rf "$tmp" .whl && mkdir -p .whl && grep -qxF /.whl/ .git/info/exclude || echo /.whl/ >> .git/info/exclude
+    for i in 1 2 3; do mkdir -p .mlxcuda$i && mv "$tmp/part_0$((i - 1))" .mlxcuda$i/; done
+    ignore /.mlxcuda1/ /.mlxcuda2/ /.mlxcuda3/ /.whl/
+    rm -rf "$tmp" .whl && mkdir -p .whl
     python3 -m pip download -q --no-deps --only-binary=:all: -d .whl mlx-lm==0.32.2
     du -sh .mlxcuda1 .mlxcuda2 .mlxcuda3 .whl
     ;;

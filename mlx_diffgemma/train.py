@@ -387,11 +387,10 @@ def build(cfg: TrainConfig) -> tuple[DiffusionGemma, dict, GenerationConfig, Pat
         raw = dict(model.config.raw)
         quantized = raw.pop("quantization", None)
         gen = with_generation(model.generation_config, cfg.generation)
-        if cfg.grow_depth and quantized:
-            # the copies train in full, so they need full-precision weights to copy
-            raise TrainError(f"grow_depth: init_from {src} is quantized; grow from the full-precision "
-                             "checkpoint it was converted from (convert without --quantize)")
         if cfg.grow_depth:
+            if quantized:  # the copies train in full, so they need full-precision weights to copy
+                raise TrainError(f"grow_depth: init_from {src} is quantized; grow from the full-precision "
+                                 "checkpoint it was converted from (convert without --quantize)")
             model, raw = grow_depth(model, raw, cfg.grow_depth)
         return model, raw, gen, src
     raw = {"model_type": "diffusion_gemma", "architectures": ["DiffusionGemmaForBlockDiffusion"], **cfg.model}
